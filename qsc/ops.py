@@ -1,0 +1,44 @@
+"""The ``qsc::`` custom operators that compressed graphs are made of.
+
+Each op is a ``torch.library`` custom op, so it is a single visible node of the exported graph
+(never a hidden Python closure), re-exports through ``torch.export`` thanks to its fake
+implementation, and can get per-device kernels from a backend
+(``torch.library.register_kernel("qsc::quant_linear", "cuda", ...)``). The default implementation
+is the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qsc.backends import reference
+
+
+@torch.library.custom_op("qsc::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_scale: torch.Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    group_size: int,
+    in_features: int,
+    a_clip: float,
+) -> torch.Tensor:
+    """``linear(x, W, bias)`` with W stored as integer codes and x quantized per token at run time.
+
+    x: ``[..., K]`` float; qweight: int8 ``[N, K]`` (6/8 bit) or packed uint8 ``[N, ceil(K/2)]``
+    (4 bit, see ``qsc.quant.pack_int4``); w_scale: fp16 ``[N]`` or ``[N, K // group_size]``;
+    in_scale: optional fp32 ``[K]`` multiplied into x before quantization (SmoothQuant's
+    ``diag(s)^-1``, folded out of the graph into the op); a_bits 16 means x stays in float.
+    """
+    return reference.quant_linear(
+        x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_features, a_clip
+    )
+
+
+@quant_linear.register_fake
+def _(x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_features, a_clip):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
