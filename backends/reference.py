@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from qsc import quant
+from qsc.errors import InputError
 
 
 def quant_linear(
@@ -33,3 +34,62 @@ def quant_linear(
     w = quant.dequantize_weight(quant.unpack_weight(qweight, w_bits, in_features), w_scale, group_size)
     y = torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+# --- Block-sparse attention (qsc::sparse_attention) -------------------------------------------
+#
+# Block layout format: a bool tensor ``[H, Mb, Nb]`` (one layout per head, shared by the batch) or
+# ``[B, H, Mb, Nb]``, with ``Mb = ceil(Lq / SPARSE_BLOCK_M)`` query tiles and
+# ``Nb = ceil(Lk / SPARSE_BLOCK_N)`` key tiles; ``layout[h, i, j]`` keeps the attention of query
+# tile i to key tile j. The last tiles of a ragged sequence are partial. A query tile whose row
+# is empty attends to nothing: its output is 0 (plus the residual, if one is given).
+# The tile sizes are the attention kernel's tiles, so every kept tile is computed whole.
+SPARSE_BLOCK_M = 128
+SPARSE_BLOCK_N = 64
+
+
+def block_layout_shape(lq: int, lk: int) -> tuple[int, int]:
+    return -(-lq // SPARSE_BLOCK_M), -(-lk // SPARSE_BLOCK_N)
+
+
+def check_block_layout(q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor) -> None:
+    b, h, lq, _ = q.shape
+    expected = block_layout_shape(lq, k.shape[2])
+    heads_ok = (layout.dim() == 3 and layout.shape[0] == h) or (layout.dim() == 4 and layout.shape[:2] == (b, h))
+    if layout.dtype != torch.bool or not heads_ok or tuple(layout.shape[-2:]) != expected:
+        raise InputError(
+            f"sparse attention layout must be bool [{h}, {expected[0]}, {expected[1]}] or "
+            f"[{b}, {h}, {expected[0]}, {expected[1]}] for q {tuple(q.shape)} and k {tuple(k.shape)} "
+            f"(tiles of {SPARSE_BLOCK_M} queries x {SPARSE_BLOCK_N} keys); got {layout.dtype} {tuple(layout.shape)}"
+        )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Masked softmax attention in float32, one query tile at a time (memory ``B*H*128*Lk``)."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    if layout is not None:
+        check_block_layout(q, k, layout)
+        layout = layout.expand(b, h, *layout.shape[-2:])
+    kf, vf = k.float(), v.float()
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
+    for i, r0 in enumerate(range(0, lq, SPARSE_BLOCK_M)):
+        s = q[:, :, r0 : r0 + SPARSE_BLOCK_M].float() @ kf.transpose(-1, -2) * scale
+        if layout is None:
+            p = torch.softmax(s, dim=-1)
+        else:
+            keep = layout[:, :, i].repeat_interleave(SPARSE_BLOCK_N, dim=-1)[..., :lk]  # [B, H, Lk]
+            p = torch.softmax(s.masked_fill(~keep[:, :, None, :], float("-inf")), dim=-1)
+            p = p.masked_fill(~keep.any(dim=-1)[:, :, None, None], 0.0)  # empty row: 0, not NaN
+        out[:, :, r0 : r0 + SPARSE_BLOCK_M] = p @ vf
+    if residual is not None:
+        out += residual.float()
+    return out.to(q.dtype)

@@ -42,3 +42,28 @@ def quant_linear(
 @quant_linear.register_fake
 def _(x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_features, a_clip):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("qsc::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention ``softmax(q k^T * scale) v`` over the kept tiles only, plus ``residual``.
+
+    q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]`` (the layout of ``scaled_dot_product_attention``);
+    layout: bool ``[H, ceil(Lq/128), ceil(Lk/64)]`` or ``[B, H, ...]``, tiles of 128 queries x 64
+    keys (``reference.SPARSE_BLOCK_M/N``), None = dense; a query tile with no kept key tile gets 0.
+    residual: optional ``[B, H, Lq, D]`` added to the output (SSAR's cached correction);
+    scale: softmax scale, default ``D ** -0.5``.
+    """
+    return reference.sparse_attention(q, k, v, layout, residual, scale)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, layout=None, residual=None, scale=None):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

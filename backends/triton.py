@@ -1,0 +1,88 @@
+"""The Triton backend: Triton kernels as the CUDA implementations of the ``qsc::`` ops.
+
+``enable()`` registers them with ``torch.library.register_kernel``; the ops themselves (their schema,
+fake implementation and CPU reference) are untouched, so a lowered graph exports exactly as before
+and simply runs these kernels when its tensors are on a GPU. Importing this module needs neither a
+GPU nor Triton; ``enable()`` needs Triton.
+
+Shapes the kernels do not cover fall back to the reference implementation (which runs on CUDA too):
+weight groups that are not a multiple of 32 input channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qsc.backends import reference
+from qsc.errors import ConfigError
+
+_enabled = False
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_scale: torch.Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    group_size: int,
+    in_features: int,
+    a_clip: float,
+) -> torch.Tensor:
+    """``qsc::quant_linear`` as two kernels: per-token activation quantization, then the GEMM."""
+    from qsc.kernels import act_quant, quant_gemm
+
+    n = qweight.shape[0]
+    if w_scale.numel() == n:
+        group_size = 0  # one group per row is per-channel: scale in the epilogue
+    if group_size % quant_gemm.MIN_GROUP_SIZE:
+        return reference.quant_linear(
+            x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_features, a_clip
+        )
+    x2d = x.reshape(-1, x.shape[-1])
+    if in_scale is not None:
+        in_scale = in_scale.float().contiguous()
+    a, a_scale = x2d, None
+    if a_bits < 16:
+        a, a_scale = act_quant.quantize_per_token(x2d, in_scale, a_bits, a_clip)
+    y = quant_gemm.quant_gemm(
+        a, a_scale, in_scale, qweight, w_scale, bias, w_bits, group_size, in_features, x.dtype
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual fused."""
+    from qsc.kernels import sparse_attention as kernel
+
+    if layout is not None:
+        reference.check_block_layout(q, k, layout)
+    return kernel.sparse_attention(
+        q, k, v, layout, residual, scale,
+        layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N,
+    )
+
+
+def enable() -> None:
+    """Make the ``qsc::`` ops run their Triton kernels on CUDA tensors (idempotent)."""
+    global _enabled
+    if _enabled:
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("the triton backend needs the 'triton' package: pip install 'qsc[triton]'") from e
+    import qsc.ops  # noqa: F401  (defines the ops before kernels are registered for them)
+
+    torch.library.register_kernel("qsc::quant_linear", "cuda", quant_linear)
+    torch.library.register_kernel("qsc::sparse_attention", "cuda", sparse_attention)
+    _enabled = True

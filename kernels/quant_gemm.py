@@ -1,0 +1,210 @@
+"""Low-bit GEMM: ``y = dequant(A) @ dequant(W)^T + bias`` on the tensor cores.
+
+A is either int8 codes with one float32 scale per row (activations quantized per token by
+``act_quant``; A6/A4 are int8 codes of a narrower range, so they run on the same int8 MMA) or, in
+the weight-only path (a_bits 16), the float activations themselves. W is ``[N, K]`` int8 codes
+(W8/W6) or int4 codes packed two per byte along K (W4, low nibble = even column, see
+``qsc.quant.pack_int4``), unpacked in registers right after the load: HBM traffic is half a byte
+per weight.
+
+Accumulation: int8 x int8 products accumulate in int32 (exact); weight-only accumulates in float32.
+Scales: per-channel weight scales and the per-token activation scales are applied once, in the
+epilogue. Per-group weight scales cannot wait that long: each K group is accumulated on its own
+(exactly, in int32), then scaled and added to a float32 accumulator in the main loop.
+
+The reference this kernel is tested against is ``qsc.backends.reference.quant_linear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps
+    )
+
+
+# Hopper: int8 tiles are 1 byte per element, so 128x256x128 with 3-4 stages still fits the 228 KB of
+# shared memory; the big tiles keep the wgmma pipes fed at the compute-bound Wan shapes
+# (M = 32760, K/N in {1536, 8960}). Smaller tiles are there for small M or N.
+HOPPER_CONFIGS = [
+    _config(128, 256, 128, 3, 8),
+    _config(256, 128, 128, 3, 8),
+    _config(128, 128, 128, 4, 4),
+    _config(128, 256, 64, 4, 8),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 128, 4, 4),
+]
+# Other GPUs (sm_80/86/89, about 100-164 KB of shared memory): classic mma.sync tiles.
+FALLBACK_CONFIGS = [
+    _config(128, 128, 64, 3, 4),
+    _config(64, 128, 64, 3, 4),
+    _config(128, 64, 64, 3, 4),
+    _config(64, 64, 64, 2, 4),
+]
+# Float A tiles (weight-only path) are twice the bytes of int8 ones: cap BLOCK_K to stay within
+# shared memory with the same stage counts.
+_FLOAT_A_MAX_BLOCK_K = 64
+# The int8 MMA consumes K in steps of 32, so a per-group layer needs groups that are multiples of it.
+MIN_GROUP_SIZE = 32
+
+
+def adapt_config(config: triton.Config, group_size: int, a_int8: bool) -> triton.Config:
+    """``config`` with BLOCK_K shrunk so that it divides the weight group and fits float A tiles."""
+    bk = config.kwargs["BLOCK_K"]
+    if group_size:
+        bk = math.gcd(bk, group_size)
+    if not a_int8:
+        bk = min(bk, _FLOAT_A_MAX_BLOCK_K)
+    return _tuning.with_meta(config, BLOCK_K=bk)
+
+
+def _prune(configs, named_args, **kwargs):
+    chosen = _tuning.device_configs(HOPPER_CONFIGS, FALLBACK_CONFIGS)
+    adapted = [adapt_config(c, kwargs["GROUP_SIZE"], kwargs["A_INT8"]) for c in chosen]
+    unique = {str(c): c for c in adapted}  # adapting can make two configs equal
+    return list(unique.values())
+
+
+@triton.jit
+def _dot_tile(
+    acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K,
+    INT4_PACKED: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += A[offs_m, k0:k0+BLOCK_K] @ W[offs_n, k0:k0+BLOCK_K]^T (out-of-range rows/columns are 0)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptrs + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+    if HAS_IN_SCALE:  # weight-only path only: the int8 path applied it while quantizing
+        a = (a.to(tl.float32) * tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]).to(
+            a_ptrs.dtype.element_ty
+        )
+    if INT4_PACKED:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(
+            w_ptrs + offs_b[None, :], mask=(offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2), other=0
+        )
+        # Sign-extend each nibble with an arithmetic shift; interleave puts column 2j (low nibble)
+        # before column 2j+1 (high nibble), the order of qsc.quant.pack_int4.
+        w = tl.interleave((packed << 4) >> 4, packed >> 4)
+    else:
+        w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
+    return tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+
+
+@triton.autotune(
+    configs=HOPPER_CONFIGS + FALLBACK_CONFIGS,
+    # Autotune keys only on what is listed here plus tensor dtypes, so every flag that changes the
+    # compiled kernel must be listed too.
+    key=["M", "N", "K", "INT4_PACKED", "GROUP_SIZE", "A_INT8", "HAS_IN_SCALE", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _quant_gemm_kernel(
+    a_ptr, a_scale_ptr, in_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_am, stride_wn, stride_wsn, stride_om,
+    INT4_PACKED: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr,
+    HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles sweep the N tiles together, so the W tiles they
+    # share are still in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc_dtype: tl.constexpr = tl.int32 if A_INT8 else tl.float32
+
+    if GROUP_SIZE == 0:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        for k0 in range(0, K, BLOCK_K):
+            acc = _dot_tile(acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K,
+                            INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * w_scale[None, :]
+    else:
+        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, GROUP_SIZE):
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+            # Unrolled, so the pipeliner sees one flat loop over groups.
+            for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
+                part = _dot_tile(part, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0 + kk, M, N, K,
+                                 INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
+            group_scale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // GROUP_SIZE, mask=offs_n < N, other=0.0)
+            out += part.to(tl.float32) * group_scale.to(tl.float32)[None, :]
+
+    if A_INT8:
+        out *= tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def quant_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    in_scale: torch.Tensor | None,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    group_size: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """``[M, K]`` A (int8 codes with float32 ``a_scale [M]``, or float with ``a_scale`` None) times
+    the packed weight ``[N, K]`` -> ``[M, N]`` in ``out_dtype``.
+
+    ``in_scale`` is only taken here in the weight-only path (the int8 path folds it into the codes).
+    ``group_size`` 0 means per-channel scales ``[N]``; otherwise scales are ``[N, K // group_size]``
+    and ``group_size`` must be a multiple of ``MIN_GROUP_SIZE``. ``config`` pins a tile
+    configuration instead of autotuning (tests and benchmarks).
+    """
+    m, k = a.shape
+    n = qweight.shape[0]
+    assert k == in_features, f"activation has {k} features, the weight {in_features}"
+    assert group_size == 0 or group_size % MIN_GROUP_SIZE == 0, f"group size {group_size}"
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    qweight = qweight.contiguous().view(torch.int8)  # packed int4 bytes are read as signed
+    w_scale = w_scale.reshape(n, -1).contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out
+    a_int8 = a.dtype == torch.int8
+    meta = dict(
+        INT4_PACKED=w_bits == 4, GROUP_SIZE=group_size, A_INT8=a_int8,
+        HAS_IN_SCALE=in_scale is not None and not a_int8, HAS_BIAS=bias is not None,
+    )
+    args = (
+        a, a_scale, in_scale, qweight, w_scale, bias, out,
+        m, n, k, a.stride(0), qweight.stride(0), w_scale.stride(0), out.stride(0),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if config is None:
+        _quant_gemm_kernel[grid](*args, **meta)
+    else:
+        config = adapt_config(config, group_size, a_int8)
+        _quant_gemm_kernel.fn[grid](*args, **meta, **config.all_kwargs())
+    return out

@@ -1,0 +1,183 @@
+"""Block-sparse flash attention: each query tile runs the online softmax over its kept key tiles only.
+
+One program owns one tile of BLOCK_M queries of one (batch, head). The bool block layout is turned
+into per-row lists of kept key-tile indices (``layout_to_indices``) so the main loop touches only
+kept tiles, with no branch per skipped tile; its trip count is the row's count, so at density rho
+the work is rho of the dense work. Dense mode (layout None, the refresh steps of SSAR) loops over
+all key tiles and reads no index list.
+
+Numerics: fp16/bf16 inputs on the tensor cores, scores and the running max / sum / output in
+float32, ``exp2`` with ``scale * log2(e)`` folded into the scores. The epilogue divides by the
+softmax sum (a row with no kept tile has sum 0 and gets output 0) and adds the optional residual
+(SSAR's ``O = O_sparse + R``) before the one store.
+
+The reference this kernel is tested against is ``qsc.backends.reference.sparse_attention``, which
+also defines the layout format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+
+
+def _config(bm: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm}, num_stages=stages, num_warps=warps)
+
+
+# BLOCK_N is the layout's key tile (64): a kept tile is one iteration. BLOCK_M must divide the
+# layout's query tile (128) so that a program reads one layout row.
+BLOCK_N = 64
+MAX_BLOCK_M = 128
+# Hopper: 128 queries x d=128 per program with 8 warps is the FlashAttention-2 sweet spot; deeper
+# pipelines hide the gather latency of the sparse K/V tiles.
+HOPPER_CONFIGS = [_config(128, 3, 8), _config(128, 4, 8), _config(128, 3, 4), _config(64, 3, 4)]
+# Other GPUs: fewer stages to fit 100 KB-class shared memory.
+FALLBACK_CONFIGS = [_config(64, 2, 4), _config(128, 2, 8), _config(128, 2, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    return _tuning.device_configs(HOPPER_CONFIGS, FALLBACK_CONFIGS)
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn, Lk, D, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One online-softmax step of a query tile over keys ``start_n : start_n + BLOCK_N``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_keys = offs_n < Lk
+    k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_keys[None, :] & (offs_d[:, None] < D), other=0.0)
+    s = tl.dot(q, k_t) * qk_scale
+    s = tl.where(in_keys[None, :], s, float("-inf"))  # the ragged last tile
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every kept tile has at least one key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.autotune(
+    configs=HOPPER_CONFIGS + FALLBACK_CONFIGS,
+    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "LAYOUT_M"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, r_ptr, o_ptr, idx_ptr, cnt_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_om,
+    stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
+    H, Lq, Lk, D, qk_scale,
+    DENSE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LAYOUT_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=tile_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DENSE:
+        for start_n in range(0, Lk, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn,
+                                         Lk, D, qk_scale, BLOCK_N, BLOCK_D)
+    else:
+        row = pid_m * BLOCK_M // LAYOUT_M
+        idx_row = idx_ptr + b * stride_ib + h * stride_ih + row * stride_im
+        count = tl.load(cnt_ptr + b * stride_cb + h * stride_ch + row)
+        for i in range(count):
+            start_n = tl.load(idx_row + i) * BLOCK_N
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn,
+                                         Lk, D, qk_scale, BLOCK_N, BLOCK_D)
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if HAS_RESIDUAL:
+        r_base = r_ptr + b.to(tl.int64) * stride_rb + h * stride_rh
+        out += tl.load(r_base + offs_m[:, None] * stride_rm + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def layout_to_indices(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[..., Mb, Nb]`` -> (int32 ``[..., Mb, Nb]`` kept key-tile indices in ascending order
+    first, then padding; int32 ``[..., Mb]`` number of kept tiles per row)."""
+    counts = layout.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(layout.to(torch.int8), dim=-1, descending=True, stable=True)
+    return order.to(torch.int32), counts
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scale: float | None,
+    layout_block_m: int,
+    layout_block_n: int,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Attention of q ``[B, H, Lq, D]`` over k, v ``[B, H, Lk, D]`` (any strides but the last), the
+    tiles kept by the bool ``layout`` (``[H | B, H, Mb, Nb]`` of ``layout_block_m x layout_block_n``
+    tiles, already validated) or all (None), plus ``residual``. ``config`` pins a tile configuration
+    instead of autotuning (tests and benchmarks)."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    assert v.shape[-1] == d, "q, k and v must share the head dimension"
+    assert layout_block_n == BLOCK_N and layout_block_m % MAX_BLOCK_M == 0, "layout tiles do not match the kernel's"
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if layout is None:
+        idx = counts = torch.empty((1, 1, 1), dtype=torch.int32, device=q.device)  # not read when dense
+    else:
+        idx, counts = layout_to_indices(layout.to(q.device))
+        # A per-head layout is shared by the batch: stride 0 along B.
+        idx, counts = idx.expand(b, h, *idx.shape[-2:]), counts.expand(b, h, counts.shape[-1])
+    if residual is not None:
+        residual = _rows_contiguous(residual)
+    r_strides = residual.stride()[:3] if residual is not None else (0, 0, 0)
+    scale = d**-0.5 if scale is None else scale
+
+    args = (
+        q, k, v, residual, out, idx, counts,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *r_strides, *out.stride()[:3],
+        *idx.stride()[:3], *counts.stride()[:2],
+        h, lq, lk, d, scale * math.log2(math.e),
+    )
+    meta = dict(
+        DENSE=layout is None, HAS_RESIDUAL=residual is not None, LAYOUT_M=layout_block_m,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=BLOCK_N,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+
+    if config is None:
+        _sparse_attention_kernel[grid](*args, **meta)
+    else:
+        _sparse_attention_kernel.fn[grid](*args, **meta, **config.all_kwargs())
+    return out
