@@ -25,6 +25,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(root: Path) -> None:
+    """Give a finished temporary tree the permissions a normal mkdir/open would have given it
+    (``mkdtemp`` and some writers create owner-only entries)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for entry in root.rglob("*"):
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path``.
@@ -39,6 +54,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publishable(tmp)
         if path.exists():
             # Two renames keep the window in which neither version exists as small as possible.
             old = path.with_name(f".{path.name}.old")

@@ -1,0 +1,160 @@
+"""The deployable artifact: a directory ``NAME.qsc/``.
+
+    program.pt2           the compressed program (torch.export.save), weights left out
+    weights.safetensors   every weight of the program: packed codes, scales, float leftovers
+    manifest.json         versions, source, config, per-layer quantization, sizes, hashes, metrics
+
+Weights live only in the safetensors file (mmap-able, no pickle): the program is saved with
+one-element placeholders in their place, and ``load`` puts the real ones back after checking the hashes.
+The directory is written atomically and is byte-identical for the same inputs and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import backends
+from .errors import InputError
+from .fsutil import atomic_directory
+
+FORMAT = "qsc-artifact/1"
+PROGRAM = "program.pt2"
+WEIGHTS = "weights.safetensors"
+MANIFEST = "manifest.json"
+_CONSTANT = "constant::"  # prefix of program constants (non-persistent buffers) in WEIGHTS
+
+
+def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a ``CompileResult`` to ``path`` (conventionally ``NAME.qsc``)."""
+    import qsc
+
+    path = Path(path)
+    program = result.program
+    weights = _program_weights(program)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        save_file(weights, str(tmp / WEIGHTS))
+        with warnings.catch_warnings():
+            # The placeholders share no storage, which the archive writer notes for every one.
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(_without_weights(program), tmp / PROGRAM)
+        manifest = {
+            "format": FORMAT,
+            "versions": {"qsc": qsc.__version__, "torch": torch.__version__.split("+")[0]},
+            "source": result.source,
+            "config": result.config.to_dict(),
+            "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                       for k, v in result.example_inputs.items()},
+            "layers": result.layers,
+            "sizes": result.sizes,
+            "metrics": result.metrics,
+            "files": {name: _sha256(tmp / name) for name in (PROGRAM, WEIGHTS)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+class CompressedModule(torch.nn.Module):
+    """A loaded artifact: call it with the model's keyword inputs; ``.manifest`` says what it is."""
+
+    def __init__(self, program_module: torch.nn.Module, manifest: dict[str, Any], backend: str):
+        super().__init__()
+        self.program = program_module
+        self.manifest = manifest
+        self.backend = backend
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.program(**inputs)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise InputError(f"{path} is not a qsc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{manifest_file}: not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: unsupported artifact format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def load(path: str | Path, *, backend: str = "auto") -> CompressedModule:
+    """Load an artifact as a runnable module, with the best backend here unless one is named."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, digest in manifest["files"].items():
+        if not (path / name).is_file():
+            raise InputError(f"{path}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise InputError(f"{path}: {name} does not match the hash in {MANIFEST} (corrupt or modified)")
+    program = torch.export.load(path / PROGRAM)
+    _restore_weights(program, load_file(str(path / WEIGHTS)), path)
+    backend = backends.best_available() if backend == "auto" else backend
+    backends.enable(backend)
+    return CompressedModule(program.module(), manifest, backend)
+
+
+def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    weights = {k: v.detach().contiguous() for k, v in program.state_dict.items()}
+    weights.update(
+        {_CONSTANT + k: v.detach().contiguous() for k, v in program.constants.items() if isinstance(v, torch.Tensor)}
+    )
+    return weights
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """Same shape and dtype, one element of storage (stride 0): costs a few bytes in the archive."""
+    p = torch.zeros(1, dtype=t.dtype).expand(t.shape) if t.dim() else torch.zeros((), dtype=t.dtype)
+    return torch.nn.Parameter(p, requires_grad=False) if isinstance(t, torch.nn.Parameter) else p
+
+
+def _without_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A shallow copy that ``torch.export.save`` writes without weight bytes or example inputs.
+
+    Node provenance is dropped too: ``from_node`` records Python object ids and ``stack_trace``
+    the paths of the installed packages, either of which would make two compiles of the same model
+    differ byte for byte.
+    """
+    for node in program.graph.nodes:
+        node.meta.pop("from_node", None)
+        node.meta.pop("stack_trace", None)
+    stripped = copy.copy(program)
+    stripped._example_inputs = None
+    stripped._state_dict = {k: _placeholder(v) for k, v in program.state_dict.items()}
+    stripped._constants = {
+        k: _placeholder(v) if isinstance(v, torch.Tensor) else v for k, v in program.constants.items()
+    }
+    return stripped
+
+
+def _restore_weights(program: torch.export.ExportedProgram, weights: dict[str, torch.Tensor], path: Path) -> None:
+    expected = set(program.state_dict) | {
+        _CONSTANT + k for k, v in program.constants.items() if isinstance(v, torch.Tensor)
+    }
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise InputError(f"{path / WEIGHTS} does not fit {PROGRAM}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, old in program.state_dict.items():
+        w = weights[k]
+        program.state_dict[k] = torch.nn.Parameter(w, requires_grad=False) if isinstance(old, torch.nn.Parameter) else w
+    for k in list(program.constants):
+        if _CONSTANT + k in weights:
+            program.constants[k] = weights[_CONSTANT + k]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

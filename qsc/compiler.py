@@ -1,0 +1,169 @@
+"""``qsc.compile``: model source + calibration data -> compressed, re-exported program."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import fx
+
+from qsc import backends
+
+from . import metrics
+from .calibration import CalibrationSet
+from .config import CompileConfig, resolve_config
+from .errors import ExportError, InputError
+from .frontend import (
+    DenoiserAdapter,
+    ModelSource,
+    cast_inputs,
+    check_inputs_fit,
+    export_graph,
+    load_model,
+    model_dtype,
+)
+from .instruments import DumpIR, NumericCheck, Timing
+from .models import synthetic_calibration
+from .pipeline import PassContext, PassManager, Progress, no_progress
+
+
+@dataclass
+class CompileResult:
+    module: torch.nn.Module  # the compressed program, runnable with the calibration inputs
+    program: torch.export.ExportedProgram
+    config: CompileConfig
+    source: dict[str, Any]
+    example_inputs: dict[str, torch.Tensor]
+    layers: dict[str, dict[str, Any]]  # per quantized layer: bits, group, bytes
+    pass_log: list[dict[str, Any]]
+    sizes: dict[str, int | float]
+    metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        from .artifact import save_artifact
+
+        return save_artifact(self, path, overwrite=overwrite)
+
+
+def compile(
+    model: torch.nn.Module | str | Path | ModelSource | None = None,
+    calibration: CalibrationSet | str | Path | None = None,
+    *,
+    preset: str | None = None,
+    config: CompileConfig | Mapping[str, Any] | str | Path | None = None,
+    dump_ir: str | Path | None = None,
+    progress: Progress = no_progress,
+    **load_options: Any,
+) -> CompileResult:
+    """Compress ``model`` (a module, a path understood by ``qsc.frontend.load_model``, or None
+    for the bundled reference model) with the pipeline of ``preset`` / ``config``.
+
+    ``config`` is a full ``CompileConfig``, a mapping of overrides to the preset, or a TOML/YAML
+    file. ``calibration`` is a ``CalibrationSet`` or its file; without one, known architectures get
+    synthetic inputs. ``load_options`` go to ``load_model`` (``arch``, ``model_config``,
+    ``trust_pickle``).
+    """
+    start = time.perf_counter()
+    cfg = _resolve(preset, config)
+    source = _as_source(model, load_options)
+    calib = _calibration(calibration, source, cfg)
+
+    if source.program is not None:
+        teacher = source.program.module()
+        dtype = model_dtype(teacher)
+    else:
+        adapter = DenoiserAdapter(source.module).eval()
+        dtype = model_dtype(adapter)
+    calib = CalibrationSet(cast_inputs(calib.inputs, dtype), calib.outputs, calib.records)
+    sample = calib.sample(0)
+    if source.program is None:
+        fp_out = check_inputs_fit(adapter, sample)
+        teacher = export_graph(adapter, sample)
+    else:
+        fp_out = check_inputs_fit(teacher, sample)
+
+    ctx = PassContext(cfg, calib, teacher, progress=progress)
+    instruments = [Timing()]
+    if dump_ir is not None:
+        instruments.append(DumpIR(dump_ir))
+    if cfg.check_numerics:
+        instruments.append(NumericCheck(sample, fp_out))
+    backends.enable(cfg.backend)
+
+    from qsc.passes import pipeline_for
+
+    gm = PassManager(pipeline_for(cfg), instruments).run(copy.deepcopy(teacher), ctx)
+    program = _reexport(gm, sample)
+    module = program.module()
+    with torch.no_grad():
+        out = module(**sample)
+    return CompileResult(
+        module=module,
+        program=program,
+        config=cfg,
+        source=source.description,
+        example_inputs=sample,
+        layers=ctx.analyses.get("quantized_layers", {}),
+        pass_log=ctx.pass_log,
+        sizes=_sizes(teacher, program),
+        metrics=output_metrics(out, fp_out),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def output_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    return {"rel_l2": metrics.relative_l2(out, ref), "cosine": metrics.cosine(out, ref), "psnr": metrics.psnr(out, ref)}
+
+
+def _resolve(preset: str | None, config: Any) -> CompileConfig:
+    if isinstance(config, CompileConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return resolve_config(preset, config_file=config)
+    return resolve_config(preset, overrides=config)
+
+
+def _as_source(model: Any, load_options: dict[str, Any]) -> ModelSource:
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return ModelSource({"kind": "module", "class": type(model).__name__}, module=model.eval())
+    return load_model(model, **load_options)
+
+
+def _calibration(calibration: Any, source: ModelSource, cfg: CompileConfig) -> CalibrationSet:
+    if isinstance(calibration, (str, Path)):
+        return CalibrationSet.load(calibration)
+    if isinstance(calibration, CalibrationSet):
+        return calibration.validate()
+    if source.program is not None:
+        example = source.program.example_inputs
+        if example is None or example[0]:
+            raise InputError("a .pt2 program needs calibration data (--calib) with its keyword inputs")
+        return CalibrationSet.from_samples([example[1]])
+    return synthetic_calibration(source.module, cfg.calib_samples, cfg.seed)
+
+
+def _reexport(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """Export the compressed graph again: proves it is still a program, and is what gets saved."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(gm, (), sample, strict=False)
+    except Exception as e:
+        raise ExportError(f"the compressed graph no longer exports (a qsc bug): {type(e).__name__}: {e}") from e
+
+
+def state_bytes(tensors: Mapping[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+
+
+def _sizes(teacher: fx.GraphModule, program: torch.export.ExportedProgram) -> dict[str, int | float]:
+    fp = state_bytes(dict(teacher.named_parameters())) + state_bytes(dict(teacher.named_buffers()))
+    compressed = state_bytes(program.state_dict) + state_bytes(program.constants)
+    return {"fp_bytes": fp, "compressed_bytes": compressed, "ratio": fp / max(compressed, 1)}

@@ -1,0 +1,155 @@
+"""Compile configuration: presets, config files and command-line overrides, merged in that order.
+
+A configuration is one flat, frozen record. Presets are named sets of overrides; a TOML or YAML
+file and ``--set key=value`` arguments override them field by field, and every key is checked
+against the record's fields so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .quant import check_bits
+
+# Linears inside the transformer blocks are quantized (attention q/k/v/o, cross-attention, FFN).
+# Kept in high precision: everything outside the blocks (patch/time/text embedders, final norm
+# and projection) and, inside blocks, the adaLN modulation linears (``norm*.linear``), which act
+# on the timestep embedding of a handful of tokens, cost nothing at run time and steer every
+# activation of the block.
+DEFAULT_INCLUDE = (r"^(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.",)
+DEFAULT_EXCLUDE = (r"(^|\.)norm[^.]*\.",)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    preset: str = "w8a8"
+    w_bits: int = 8
+    a_bits: int = 8
+    group_size: int = 0  # 0 = one scale per output channel
+    a_clip: float = 1.0  # activation clipping ratio of the per-token max
+    smooth_quant: bool = True
+    smooth_alpha: float = 0.5  # migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)
+    include: tuple[str, ...] = DEFAULT_INCLUDE  # regexes on layer paths: candidates
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on layer paths: removed from candidates
+    calib_samples: int = 16  # calibration samples used (the first N of the set)
+    seed: int = 0
+    backend: str = "reference"
+    passes: tuple[str, ...] = ()  # explicit pipeline; empty = derived from the fields above
+    check_numerics: bool = True  # compare each pass's graph with the FP graph on one sample
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, self.a_bits)
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not 0.0 < self.a_clip <= 1.0:
+            raise ConfigError(f"a_clip must be in (0, 1], got {self.a_clip}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.calib_samples < 1:
+            raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: choose one of {BACKENDS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+BACKENDS = ("reference", "triton")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8a8": dict(w_bits=8, a_bits=8),
+    "w6a6": dict(w_bits=6, a_bits=6),
+    "w4a8": dict(w_bits=4, a_bits=8),
+    "w4a6": dict(w_bits=4, a_bits=6),
+    "w4a4": dict(w_bits=4, a_bits=4),
+    "w8a16": dict(w_bits=8, a_bits=16, smooth_quant=False),
+    "w4a16": dict(w_bits=4, a_bits=16, smooth_quant=False),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CompileConfig)}
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    """Convert ``value`` to the type of field ``key``; strings come from ``--set key=value``."""
+    if key not in _FIELDS:
+        raise ConfigError(f"{origin}: unknown setting {key!r}; known settings: {', '.join(_FIELDS)}")
+    default = _FIELDS[key].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes", "on")
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = json.loads(value) if value.startswith("[") else [s for s in value.split(",") if s]
+            return tuple(str(v) for v in value)
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{origin}: {key} = {value!r} is not a valid {type(default).__name__}"
+        ) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ConfigError(f"{path}: config files must be .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except Exception as e:  # yaml.YAMLError without importing yaml up front
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["a_bits=6", "smooth_quant=false"]`` -> dict (values converted later, per field)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> CompileConfig:
+    """Preset, then config file, then overrides; the file may itself name the preset."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    file_settings = load_config_file(config_file) if config_file else {}
+    name = preset or file_settings.get("preset") or CompileConfig.preset
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    layers.append((f"preset {name}", PRESETS[name]))
+    layers.append((str(config_file), {k: v for k, v in file_settings.items() if k != "preset"}))
+    layers.append(("overrides", dict(overrides or {})))
+    merged: dict[str, Any] = {"preset": name}
+    for origin, settings in layers:
+        for key, value in settings.items():
+            merged[key] = _coerce(key, value, origin)
+    return CompileConfig(**merged)

@@ -1,0 +1,248 @@
+"""Frontend: from a model source on disk to an FX graph (``torch.export``, ATen dialect).
+
+Model sources, by what the path is:
+
+* nothing: the bundled reference model;
+* ``*.pt2``: a ``torch.export`` program (already a graph);
+* a directory with ``config.json`` (a diffusers model) or ``model_index.json`` (a diffusers
+  pipeline, whose ``transformer/`` is taken), loaded offline;
+* ``*.safetensors``: a state dict, together with an architecture name and its config;
+* ``*.pt``/``*.pth``/``*.bin``: a state dict (loaded with ``weights_only=True``), or a pickled whole
+  ``nn.Module``, which executes code from the file and is therefore refused unless the caller
+  passes ``trust_pickle=True`` (``--trust-pickle``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import ExportError, InputError
+from .models import architecture_class
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+
+
+@dataclass
+class ModelSource:
+    """A loaded model: an eager module, or an exported program when the source was one."""
+
+    description: dict[str, Any]  # how to load it again (kind, path, arch): goes in the manifest
+    module: torch.nn.Module | None = None
+    program: torch.export.ExportedProgram | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    model_config: str | Path | None = None,
+    trust_pickle: bool = False,
+) -> ModelSource:
+    if path is None:
+        return bundled_model()
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model not found: {path}")
+    if path.is_dir():
+        return _load_diffusers_dir(path)
+    if path.suffix == ".pt2":
+        return _load_program(path)
+    if path.suffix == ".safetensors":
+        return _load_state_dict_model(path, _read_safetensors(path), arch, model_config)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load_torch_file(path, arch, model_config, trust_pickle)
+    raise InputError(
+        f"{path}: not a model qsc can read. Expected a .pt2 program, a diffusers model directory, "
+        f"a .safetensors state dict (with --arch and --model-config), or a pickled module "
+        f"({', '.join(PICKLE_SUFFIXES)}, with --trust-pickle)"
+    )
+
+
+def bundled_model() -> ModelSource:
+    """The project's reference model; a small random Wan-class model stands in until it is trained."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**STAND_IN_CONFIG).eval()
+    return ModelSource({"kind": "bundled", "name": "stand-in-wan"}, module=model)
+
+
+# A Wan2.1-shaped transformer, scaled down to compile in seconds on a CPU.
+STAND_IN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4,
+    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=2, rope_max_seq_len=64,
+)
+
+
+def _load_program(path: Path) -> ModelSource:
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable torch.export program ({type(e).__name__}: {e})") from None
+    return ModelSource({"kind": "pt2", "path": str(path)}, program=program)
+
+
+def _load_diffusers_dir(path: Path) -> ModelSource:
+    if (path / "model_index.json").is_file():
+        if not (path / "transformer" / "config.json").is_file():
+            raise InputError(f"{path} is a diffusers pipeline without a transformer/ model")
+        path = path / "transformer"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path}: a model directory needs a diffusers config.json")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config_file}: not valid JSON: {e}") from None
+    cls = architecture_class(class_name)
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except Exception as e:
+        raise InputError(f"{path}: could not load the {class_name} weights: {e}") from None
+    return ModelSource({"kind": "diffusers", "path": str(path), "arch": class_name}, module=model.eval())
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt or not a safetensors file ({e})") from None
+
+
+def _load_state_dict_model(
+    path: Path, state: dict[str, torch.Tensor], arch: str | None, model_config: str | Path | None
+) -> ModelSource:
+    if arch is None or model_config is None:
+        raise InputError(
+            f"{path} holds only weights: name the architecture and its config, "
+            f"e.g. --arch WanTransformer3DModel --model-config config.json"
+        )
+    cls = architecture_class(arch)
+    try:
+        config = json.loads(Path(model_config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"model config {model_config}: {e}") from None
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        model = cls.from_config(config)
+    except Exception as e:
+        raise InputError(f"model config {model_config} does not fit {arch}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: weights do not match {arch} with config {model_config}: {e}") from None
+    desc = {"kind": "state_dict", "path": str(path), "arch": arch, "model_config": str(model_config)}
+    return ModelSource(desc, module=model.eval())
+
+
+def _load_torch_file(path: Path, arch: str | None, model_config: Any, trust_pickle: bool) -> ModelSource:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise InputError(
+                f"{path} is a pickled Python object, and loading it would run code from the file. "
+                f"If you trust its origin, pass --trust-pickle; better, save the model as a "
+                f"torch.export program (.pt2) or a safetensors state dict."
+            ) from None
+        obj = _unpickle_trusted(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, torch.nn.Module):
+        return ModelSource({"kind": "pickle", "path": str(path)}, module=obj.eval())
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _load_state_dict_model(path, obj, arch, model_config)
+    raise InputError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _unpickle_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"{path}: could not unpickle ({type(e).__name__}: {e})") from None
+
+
+class DenoiserAdapter(torch.nn.Module):
+    """Calls a model with keyword inputs and returns its output tensor.
+
+    diffusers transformers return a dataclass or a tuple unless asked otherwise; graphs and
+    artifacts are simpler with one tensor out. The wrapped model sits at attribute ``model``,
+    which is why parameter targets in the graph start with ``model.``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._return_dict_arg = "return_dict" in inspect.signature(model.forward).parameters
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(**inputs, return_dict=False) if self._return_dict_arg else self.model(**inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def model_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def cast_inputs(sample: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating inputs to the model's dtype; integer inputs (timesteps) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sample.items()}
+
+
+def check_inputs_fit(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the eager model once; a failure means the calibration data does not fit the model."""
+    try:
+        with torch.no_grad():
+            return module(**sample)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in sample.items())
+        raise InputError(
+            f"the calibration inputs do not fit the model ({shapes}): {type(e).__name__}: {e}"
+        ) from None
+
+
+_EXPORT_HINTS = (
+    ("data-dependent", "the model branches on a tensor's value (e.g. `if x.sum() > 0` or `.item()`): "
+                       "use torch.cond, or compute the condition from shapes or Python constants"),
+    ("Unsupported", "the model uses a Python construct torch.export cannot trace: move it out of forward()"),
+    ("not a Tensor", "forward() must return tensors (or tuples/dataclasses of tensors)"),
+    ("Dynamic control flow", "rewrite the branch with torch.cond"),
+)
+
+
+def export_graph(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Non-strict ``torch.export`` with ``sample`` as example keyword inputs; the unlifted graph."""
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (), sample, strict=False)
+    except Exception as e:
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        frame = _innermost_model_frame(e)
+        hint = next((h for key, h in _EXPORT_HINTS if key in f"{type(e).__name__} {e}"), None)
+        raise ExportError(
+            f"torch.export could not trace the model{f' at {frame}' if frame else ''}: {message}"
+            + (f"\n  fix: {hint}" if hint else "")
+        ) from e
+    return program.module()
+
+
+def _innermost_model_frame(e: BaseException) -> str | None:
+    """The deepest traceback frame outside torch itself: the user's construct that failed."""
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__)
+        if "/torch/" not in f.filename and "/qsc/" not in f.filename.replace("\\", "/")
+    ]
+    return f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else None
