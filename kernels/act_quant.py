@@ -24,8 +24,8 @@ from qsc import quant
 # Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to an integer, half to
 # even (the hardware's default rounding of the addition). Used instead of libdevice.rint, which the
 # CPU interpreter cannot run; the codes here are at most 127 in magnitude.
-_RINT_MAGIC = 12582912.0
-_MIN_SCALE = 1e-12  # as in qsc.quant.quantize_per_token: an all-zero row gets codes 0, not NaN
+_RINT_MAGIC = tl.constexpr(12582912.0)
+_MIN_SCALE = tl.constexpr(1e-12)  # as in qsc.quant.quantize_per_token: an all-zero row gets codes 0, not NaN
 _MAX_BLOCK = 2048  # elements of a row per iteration: 8 to 16 per thread, enough loads in flight
 
 
@@ -67,6 +67,10 @@ def block_size(k: int) -> int:
     return min(triton.next_power_of_2(k), _MAX_BLOCK)
 
 
+def num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
 def quantize_per_token(
     x: torch.Tensor, in_scale: torch.Tensor | None, bits: int, clip: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +87,6 @@ def quantize_per_token(
         x, in_scale, q, scale,
         k, x.stride(0), q.stride(0), float(clip),
         QMAX=quant.qmax(bits), HAS_IN_SCALE=in_scale is not None, BLOCK=blk,
-        num_warps=4 if blk <= 1024 else 8,
+        num_warps=num_warps(blk),
     )
     return q, scale

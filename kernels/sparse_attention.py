@@ -116,6 +116,11 @@ def _sparse_attention_kernel(
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile_mask)
 
 
+def block_d(head_dim: int) -> int:
+    """The padded head dimension of the tiles (a power of two; 16 is the MMA's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def layout_to_indices(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``[..., Mb, Nb]`` -> (int32 ``[..., Mb, Nb]`` kept key-tile indices in ascending order
     first, then padding; int32 ``[..., Mb]`` number of kept tiles per row)."""
@@ -170,7 +175,7 @@ def sparse_attention(
     )
     meta = dict(
         DENSE=layout is None, HAS_RESIDUAL=residual is not None, LAYOUT_M=layout_block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
     )
 
     def grid(meta):

@@ -1,0 +1,113 @@
+"""Ahead-of-time compilation of the kernels for a GPU target, on any machine (no GPU needed).
+
+``triton.compile`` lowers a kernel to PTX and cubin for a named target (e.g. sm_90) on the CPU. The
+tests use it to compile every autotune configuration at real tile sizes, so a configuration that
+does not compile, or needs more shared memory than the target has, fails here rather than on the
+GPU. The same path yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
+
+Kernels are specialized the way the JIT specializes them at run time: pointers are assumed 16-byte
+aligned and integer arguments divisible by 16 get the divisibility hint. This module must be used
+without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' compiled form).
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import act_quant, quant_gemm, sparse_attention
+
+HOPPER = GPUTarget("cuda", 90, 32)
+AMPERE = GPUTarget("cuda", 80, 32)
+
+# Shared memory an SM offers one block (opt-in maximum), by compute capability.
+MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+
+_DIVISIBILITY = [["tt.divisibility", 16]]
+
+
+def _compile(kernel, target: GPUTarget, params: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """``params``: every runtime argument in order, as a Triton pointer type (``"*fp16"``), an
+    example ``int`` (typed i32, hinted when divisible by 16) or ``float`` (fp32). Constant
+    arguments (flags, tile sizes, and pointers passed as None) go in ``constexprs``."""
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = params[name]
+        if isinstance(value, str):
+            signature[name], hinted = value, True
+        elif isinstance(value, int):
+            signature[name], hinted = "i32", value % 16 == 0
+        else:
+            signature[name], hinted = "fp32", False
+        if hinted:
+            attrs[(i,)] = _DIVISIBILITY
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_quant_gemm(
+    config: triton.Config, target: GPUTarget, *, w_bits: int, group_size: int, a_dtype: str,
+    out_dtype: str, in_scale: bool, bias: bool, m: int = 32760, n: int = 8960, k: int = 1536,
+):
+    """The GEMM for one configuration; ``a_dtype`` ``"i8"`` is the quantized path, a float type
+    the weight-only path."""
+    a_int8 = a_dtype == "i8"
+    config = quant_gemm.adapt_config(config, group_size, a_int8)
+    k_cols = (k + 1) // 2 if w_bits == 4 else k
+    params = dict(
+        a_ptr=f"*{a_dtype}", a_scale_ptr="*fp32", in_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp16",
+        bias_ptr=f"*{out_dtype}", out_ptr=f"*{out_dtype}", M=m, N=n, K=k,
+        stride_am=k, stride_wn=k_cols, stride_wsn=k // group_size if group_size else 1, stride_om=n,
+    )
+    constexprs = dict(
+        INT4_PACKED=w_bits == 4, GROUP_SIZE=group_size, A_INT8=a_int8,
+        HAS_IN_SCALE=in_scale and not a_int8, HAS_BIAS=bias, **config.kwargs,
+    )
+    for name, present in (("a_scale_ptr", a_int8), ("in_scale_ptr", constexprs["HAS_IN_SCALE"]), ("bias_ptr", bias)):
+        if not present:
+            constexprs[name] = None
+    return _compile(quant_gemm._quant_gemm_kernel, target, params, constexprs, config.num_warps, config.num_stages)
+
+
+def compile_act_quant(target: GPUTarget, *, x_dtype: str, in_scale: bool, bits: int, k: int = 8960):
+    blk = act_quant.block_size(k)
+    params = dict(x_ptr=f"*{x_dtype}", in_scale_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32",
+                  K=k, stride_xm=k, stride_qm=k, clip=1.0)
+    constexprs = dict(QMAX=2 ** (bits - 1) - 1, HAS_IN_SCALE=in_scale, BLOCK=blk)
+    if not in_scale:
+        constexprs["in_scale_ptr"] = None
+    return _compile(act_quant._quantize_rows_kernel, target, params, constexprs,
+                    act_quant.num_warps(blk), num_stages=1)
+
+
+def compile_sparse_attention(
+    config: triton.Config, target: GPUTarget, *, dtype: str, head_dim: int, dense: bool, residual: bool,
+    heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
+):
+    """Strides are those of contiguous ``[B, H, L, D]`` tensors and a per-head layout."""
+    mb, nb = -(-lq // layout_block_m), -(-lk // sparse_attention.BLOCK_N)
+    q_strides = dict(b=heads * lq * head_dim, h=lq * head_dim, m=head_dim)
+    k_strides = dict(b=heads * lk * head_dim, h=lk * head_dim, n=head_dim)
+    params = dict(
+        q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", r_ptr=f"*{dtype}", o_ptr=f"*{dtype}",
+        idx_ptr="*i32", cnt_ptr="*i32",
+        stride_qb=q_strides["b"], stride_qh=q_strides["h"], stride_qm=q_strides["m"],
+        stride_kb=k_strides["b"], stride_kh=k_strides["h"], stride_kn=k_strides["n"],
+        stride_vb=k_strides["b"], stride_vh=k_strides["h"], stride_vn=k_strides["n"],
+        stride_rb=q_strides["b"], stride_rh=q_strides["h"], stride_rm=q_strides["m"],
+        stride_ob=q_strides["b"], stride_oh=q_strides["h"], stride_om=q_strides["m"],
+        stride_ib=0, stride_ih=mb * nb, stride_im=nb, stride_cb=0, stride_ch=mb,
+        H=heads, Lq=lq, Lk=lk, D=head_dim, qk_scale=0.1,
+    )
+    constexprs = dict(
+        DENSE=dense, HAS_RESIDUAL=residual, LAYOUT_M=layout_block_m,
+        BLOCK_D=sparse_attention.block_d(head_dim), BLOCK_N=sparse_attention.BLOCK_N, **config.kwargs,
+    )
+    if not residual:
+        constexprs["r_ptr"] = None
+    return _compile(sparse_attention._sparse_attention_kernel, target, params, constexprs,
+                    config.num_warps, config.num_stages)
