@@ -9,14 +9,32 @@ front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is folded into
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
 from qsc import quant
+from qsc.config import CompileConfig
 from qsc.graph import at_node, finalize, quantizable_linears, register_buffer, remove_attr
 from qsc.pipeline import Pass, PassContext, PassResult
 
 from .smooth_quant import SMOOTH_META
+
+
+def layer_plan(weight: torch.Tensor, cfg: CompileConfig, smoothed: bool) -> dict[str, Any]:
+    """How a linear with this weight is quantized under ``cfg``, and its bytes before and after."""
+    n, k = weight.shape
+    group = quant.effective_group_size(k, cfg.group_size)
+    return {
+        "shape": [n, k],
+        "w_bits": cfg.w_bits,
+        "a_bits": cfg.a_bits,
+        "group_size": group,
+        "smoothed": smoothed,
+        "bytes_fp": weight.numel() * weight.element_size(),
+        "bytes_packed": quant.packed_weight_nbytes(n, k, cfg.w_bits, group),
+    }
 
 
 class QuantizeLinear(Pass):
@@ -34,7 +52,7 @@ class QuantizeLinear(Pass):
                 x, _, *rest = node.args
                 bias = rest[0] if rest else None
                 weight = gm.get_parameter(site.weight_target).detach()
-                n, k = weight.shape
+                k = weight.shape[1]
                 group = quant.effective_group_size(k, cfg.group_size)
                 scale = quant.weight_scale(weight, cfg.w_bits, group, clips.get(site.layer, 1.0))
                 codes = quant.quantize_weight(weight, scale, cfg.w_bits, group)
@@ -55,15 +73,7 @@ class QuantizeLinear(Pass):
                 qop.meta = dict(node.meta)
                 node.replace_all_uses_with(qop)
                 gm.graph.erase_node(node)
-                layers[site.layer] = {
-                    "shape": [n, k],
-                    "w_bits": cfg.w_bits,
-                    "a_bits": cfg.a_bits,
-                    "group_size": group,
-                    "smoothed": in_scale is not None,
-                    "bytes_fp": weight.numel() * weight.element_size(),
-                    "bytes_packed": quant.packed_weight_nbytes(n, k, cfg.w_bits, group),
-                }
+                layers[site.layer] = layer_plan(weight, cfg, smoothed=in_scale is not None)
         finalize(gm)  # drops the now-dead get_attr of each float weight and the smoothing muls
         ctx.analyses["quantized_layers"] = layers
         for site in sites:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -98,7 +99,7 @@ def compile(
 
     from qsc.passes import pipeline_for
 
-    gm = PassManager(pipeline_for(cfg), instruments).run(copy.deepcopy(teacher), ctx)
+    gm = PassManager(pipeline_for(cfg), instruments).run(_working_copy(teacher), ctx)
     program = _reexport(gm, sample)
     module = program.module()
     with torch.no_grad():
@@ -115,6 +116,14 @@ def compile(
         metrics=output_metrics(out, fp_out),
         seconds=time.perf_counter() - start,
     )
+
+
+def _working_copy(teacher: fx.GraphModule) -> fx.GraphModule:
+    """The graph passes edit; the teacher (which shares the user's weights) stays untouched."""
+    with warnings.catch_warnings():
+        # torch's own treespec pickling warns about its own deprecated LeafSpec check.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(teacher)
 
 
 def output_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

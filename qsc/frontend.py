@@ -246,3 +246,18 @@ def _innermost_model_frame(e: BaseException) -> str | None:
         if "/torch/" not in f.filename and "/qsc/" not in f.filename.replace("\\", "/")
     ]
     return f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else None
+
+
+def reload_model(description: dict[str, Any], *, trust_pickle: bool = False) -> ModelSource:
+    """Load the FP model an artifact was compiled from, as its manifest describes it."""
+    kind = description.get("kind")
+    if kind == "bundled":
+        return bundled_model()
+    if kind in ("pt2", "diffusers", "pickle"):
+        return load_model(description["path"], trust_pickle=trust_pickle)
+    if kind == "state_dict":
+        return load_model(description["path"], arch=description["arch"], model_config=description["model_config"])
+    raise InputError(
+        f"the artifact was compiled from an in-memory {description.get('class', 'model')}: "
+        f"name the FP model to compare against with --model"
+    )

@@ -1,0 +1,63 @@
+"""The ``qsc`` command line: ``compile``, ``inspect``, ``eval``, ``generate``.
+
+Every failure the user can cause is a ``QscError``: printed as one ``error:`` line on stderr with a
+non-zero exit status (2 for bad input or configuration, 3 for a failing pass).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+import click
+from rich.console import Console
+from rich.progress import track
+
+from qsc.errors import QscError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def progress_bar(items: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
+    """The ``Progress`` that CLI commands hand to the compiler: a transient bar on stderr."""
+    return track(items, description=description, total=total, console=stderr, transient=True)
+
+
+class QscGroup(click.Group):
+    """Turns ``QscError`` into a one-line message and its exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QscError as e:
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=QscGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qsc")
+def cli() -> None:
+    """qsc compresses video diffusion transformers (Wan2.1, HunyuanVideo, CogVideoX, any nn.Module).
+
+    It traces the model with torch.export, runs compression passes over the graph (calibration,
+    SmoothQuant, low-bit quantization) and writes a deployable artifact directory (NAME.qsc/).
+    Start with `qsc compile` (the bundled reference model) or `qsc compile MODEL`.
+    """
+
+
+def _register() -> None:
+    from .compile import compile_command
+    from .eval import eval_command
+    from .generate import generate
+    from .inspect import inspect_command
+
+    for command in (compile_command, inspect_command, eval_command, generate):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="qsc")

@@ -1,0 +1,53 @@
+"""``qsc eval``: how far a compressed artifact's outputs are from the FP model's, on held-out inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import load, read_manifest
+from .calibration import CalibrationSet
+from .compiler import output_metrics
+from .frontend import DenoiserAdapter, ModelSource, cast_inputs, load_model, model_dtype, reload_model
+from .models import synthetic_calibration
+
+HELD_OUT_SEED_OFFSET = 1  # synthetic eval inputs use seed + 1, never the calibration seed
+
+
+def evaluate(
+    artifact: str | Path,
+    *,
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    samples: int = 4,
+    trust_pickle: bool = False,
+) -> list[dict[str, Any]]:
+    """Per-sample relative L2, cosine and PSNR of the artifact against the FP model."""
+    manifest = read_manifest(artifact)
+    compressed = load(artifact)
+    source = load_model(model, trust_pickle=trust_pickle) if model else reload_model(manifest["source"], trust_pickle=trust_pickle)
+    fp = _fp_callable(source)
+    held_out = _held_out(data, source, samples, manifest["config"]["seed"] + HELD_OUT_SEED_OFFSET)
+    dtype = model_dtype(fp)
+    rows = []
+    with torch.no_grad():
+        for i in range(min(samples, len(held_out))):
+            sample = cast_inputs(held_out.sample(i), dtype)
+            rows.append({"sample": i, **output_metrics(compressed(**sample), fp(**sample))})
+    return rows
+
+
+def _fp_callable(source: ModelSource) -> torch.nn.Module:
+    return source.program.module() if source.program is not None else DenoiserAdapter(source.module).eval()
+
+
+def _held_out(data: Any, source: ModelSource, samples: int, seed: int) -> CalibrationSet:
+    if data is not None:
+        return CalibrationSet.load(data)
+    if source.module is None:
+        from .errors import InputError
+
+        raise InputError("evaluating against a .pt2 program needs held-out inputs: pass --data FILE")
+    return synthetic_calibration(source.module, samples, seed)
