@@ -12,6 +12,8 @@ without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' compiled for
 
 from __future__ import annotations
 
+import json
+
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -111,3 +113,53 @@ def compile_sparse_attention(
         constexprs["r_ptr"] = None
     return _compile(sparse_attention._sparse_attention_kernel, target, params, constexprs,
                     config.num_warps, config.num_stages)
+
+
+# The specializations every tile configuration is compiled for: the per-channel W4A8 hot path,
+# per-group W8A8 (flush per group in the main loop) and per-group weight-only W4A16 (float A tiles,
+# the largest shared-memory footprint).
+GEMM_VARIANTS = (
+    dict(w_bits=4, group_size=0, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
+    dict(w_bits=8, group_size=128, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
+    dict(w_bits=4, group_size=128, a_dtype="bf16", out_dtype="bf16", in_scale=True, bias=False),
+)
+ATTENTION_VARIANTS = (
+    dict(dtype="bf16", head_dim=128, dense=False, residual=True),
+    dict(dtype="bf16", head_dim=128, dense=True, residual=False),
+)
+
+
+def every_configuration():
+    """(description, target, build) for each autotune configuration x specialization x its target."""
+    for target, gemm_configs, attention_configs in (
+        (HOPPER, quant_gemm.HOPPER_CONFIGS, sparse_attention.HOPPER_CONFIGS),
+        (AMPERE, quant_gemm.FALLBACK_CONFIGS, sparse_attention.FALLBACK_CONFIGS),
+    ):
+        for config in gemm_configs:
+            for variant in GEMM_VARIANTS:
+                yield f"quant_gemm {variant} {config.kwargs} w{config.num_warps}s{config.num_stages}", target, (
+                    lambda c=config, v=variant, t=target: compile_quant_gemm(c, t, **v)
+                )
+        for config in attention_configs:
+            for variant in ATTENTION_VARIANTS:
+                yield f"sparse_attention {variant} {config.kwargs} w{config.num_warps}s{config.num_stages}", target, (
+                    lambda c=config, v=variant, t=target: compile_sparse_attention(c, t, **v)
+                )
+        for x_dtype, in_scale in (("bf16", True), ("fp16", False)):
+            yield f"act_quant {x_dtype} in_scale={in_scale}", target, (
+                lambda x=x_dtype, s=in_scale, t=target: compile_act_quant(t, x_dtype=x, in_scale=s, bits=8)
+            )
+
+
+def main() -> None:
+    """Compile every configuration; print one JSON line per kernel (what the tests check)."""
+    for description, target, build in every_configuration():
+        compiled = build()
+        print(json.dumps({
+            "kernel": description, "arch": target.arch, "shared_bytes": compiled.metadata.shared,
+            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

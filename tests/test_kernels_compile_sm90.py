@@ -1,0 +1,41 @@
+"""Every autotune configuration of every kernel compiles to PTX and cubin at real tile sizes: the
+Hopper list for sm_90, the fallback list for sm_80, without a GPU (``python -m qsc.kernels.aot``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from qsc.kernels import aot, quant_gemm, sparse_attention  # noqa: E402
+
+# The fallback configurations must also fit the smaller shared memory of sm_86/sm_89 GPUs.
+_SHARED_LIMIT = {90: aot.MAX_SHARED_BYTES[90], 80: min(aot.MAX_SHARED_BYTES.values())}
+
+
+@pytest.mark.slow
+def test_every_configuration_compiles_for_its_target():
+    # The interpreter replaces compiled kernels, so compile in a process without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "qsc.kernels.aot"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+
+    per_target = lambda gemm, attention: (  # noqa: E731
+        len(gemm) * len(aot.GEMM_VARIANTS) + len(attention) * len(aot.ATTENTION_VARIANTS) + 2
+    )
+    assert len(results) == per_target(quant_gemm.HOPPER_CONFIGS, sparse_attention.HOPPER_CONFIGS) + per_target(
+        quant_gemm.FALLBACK_CONFIGS, sparse_attention.FALLBACK_CONFIGS
+    )
+    for r in results:
+        assert r["cubin_bytes"] > 0, r
+        assert r["shared_bytes"] <= _SHARED_LIMIT[r["arch"]], r
+        if r["arch"] == 90 and not r["kernel"].startswith("act_quant"):
+            assert r["wgmma"], f"not lowered to Hopper's warpgroup MMA: {r}"
