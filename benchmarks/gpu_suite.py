@@ -1,0 +1,253 @@
+"""The GPU suite: qsc's kernels and a compressed forward against bf16 PyTorch, at Wan2.1-1.3B shapes.
+
+    python benchmarks/gpu_suite.py                       # on a CUDA GPU: all sections, < 9 minutes
+    python benchmarks/gpu_suite.py --sections gemm,attention
+    python benchmarks/gpu_suite.py --dry-run             # on the CPU, Triton interpreter, tiny shapes
+
+Wan2.1-1.3B at 480x832, 81 frames is 32760 tokens, dim 1536, 12 heads x 128, FFN 8960 (see
+../shared/BENCHMARKS.md). Timings are medians of ``triton.testing.do_bench`` (CUDA events, warm-up,
+L2 flushed between repeats) on fresh random data. Each row also reports the relative error of the
+kernel against the reference backend (the function it must compute), so a fast wrong kernel shows.
+
+A GPU run writes ``benchmarks/results/gpu-<device>-<date>.json`` (``--out`` to change); a dry run
+writes nothing unless ``--out`` is given: its figures are the interpreter's and mean nothing.
+The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6,
+)
+# 81 frames at 480x832 -> VAE latent 21 x 60 x 104 -> 2x2 patches: 21 * 30 * 52 = 32760 tokens.
+WAN_LATENT = (16, 21, 60, 104)
+WAN_TEXT_TOKENS = 512
+
+
+def shapes(dry_run: bool) -> dict:
+    if dry_run:  # tiny, ragged: the interpreter runs every program in Python
+        return dict(tokens=70, gemm=[(96, 80), (64, 136)], heads=2, head_dim=32, seq=300, dtype=torch.float16)
+    return dict(tokens=32760, gemm=[(1536, 1536), (1536, 8960), (8960, 1536)], heads=12, head_dim=128,
+                seq=32760, dtype=torch.bfloat16)
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # CPU (dry run): a plain median of a few calls
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def gemm_rows(device: torch.device, s: dict) -> list[dict]:
+    """Low-bit GEMM (activation quantization included) vs ``torch.matmul`` in the model dtype."""
+    from qsc import quant
+    from qsc.backends import reference
+    from qsc.backends import triton as triton_backend
+
+    rows = []
+    m = s["tokens"]
+    for k, n in s["gemm"]:
+        x = torch.randn(m, k, device=device, dtype=s["dtype"])
+        w = torch.randn(n, k, device=device) / k**0.5
+        w_t = w.to(s["dtype"]).t()
+        bf16_ms = bench_ms(lambda: torch.matmul(x, w_t), device)
+        dense = torch.matmul(x, w_t)
+        for w_bits, a_bits in ((4, 8), (8, 8)):
+            scale = quant.weight_scale(w, w_bits)
+            qweight = quant.pack_weight(quant.quantize_weight(w, scale, w_bits), w_bits)
+            args = (x, qweight, scale, None, None, w_bits, a_bits, 0, k, 1.0)
+            ms = bench_ms(lambda: triton_backend.quant_linear(*args), device)
+            out = triton_backend.quant_linear(*args)
+            rows.append(dict(
+                scheme=f"w{w_bits}a{a_bits}", M=m, K=k, N=n, ms=ms, bf16_ms=bf16_ms, speedup_vs_bf16=bf16_ms / ms,
+                rel_err=rel_err(out, reference.quant_linear(*args)),
+                quant_err_vs_bf16=rel_err(out, dense),  # the quantization's own error, for scale
+            ))
+    return rows
+
+
+def random_layout(heads: int, tiles_m: int, tiles_n: int, density: float, device) -> torch.Tensor:
+    """Every query tile keeps the same number of random key tiles: the given density, balanced."""
+    keep = max(1, round(density * tiles_n))
+    order = torch.rand(heads, tiles_m, tiles_n, device=device).argsort(dim=-1)
+    return order < keep
+
+
+def attention_rows(device: torch.device, s: dict) -> list[dict]:
+    """Block-sparse attention at several densities vs SDPA (flash backend on CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from qsc.backends import reference
+    from qsc.backends import triton as triton_backend
+
+    h, length, d = s["heads"], s["seq"], s["head_dim"]
+    q, k, v = (torch.randn(1, h, length, d, device=device, dtype=s["dtype"]) for _ in range(3))
+    backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        sdpa_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+    rows = []
+    for density in (1.0, 0.4, 0.25, 0.15):
+        # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
+        layout = None if density == 1.0 else random_layout(h, *reference.block_layout_shape(length, length), density, device)
+        ms = bench_ms(lambda: triton_backend.sparse_attention(q, k, v, layout, None, None), device)
+        out = triton_backend.sparse_attention(q, k, v, layout, None, None)
+        rows.append(dict(
+            density=density, tile_density=1.0 if layout is None else layout.float().mean().item(), L=length, heads=h,
+            head_dim=d, ms=ms, sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / ms,
+            rel_err=rel_err(out, reference.sparse_attention(q, k, v, layout, None, None)),
+        ))
+    return rows
+
+
+def end_to_end(device: torch.device, dry_run: bool) -> dict:
+    """One transformer forward of a Wan2.1-1.3B-shaped model (random weights): qsc vs bf16 diffusers.
+
+    Guarded: this needs diffusers and the compile pipeline, and measures what that pipeline offers
+    today. The SSAR cycle (tau steps with the dense refresh) and the sparse preset are measured once
+    the pipeline has them (a preset named ``w4a8-sparse``); until then the row says what it timed.
+    """
+    try:
+        import diffusers
+    except ImportError:
+        return {"skipped": "diffusers is not installed"}
+    import qsc
+
+    config = dict(WAN_1_3B)
+    latent, text_tokens = WAN_LATENT, WAN_TEXT_TOKENS
+    if dry_run:
+        config.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)
+        latent, text_tokens = (16, 2, 8, 8), 8
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with device:
+        model = diffusers.WanTransformer3DModel(**config).to(dtype).eval()
+        inputs = dict(
+            hidden_states=torch.randn(1, *latent, dtype=dtype),
+            timestep=torch.tensor([500], dtype=torch.long),
+            encoder_hidden_states=torch.randn(1, text_tokens, config["text_dim"], dtype=dtype),
+        )
+    sparse = "w4a8-sparse" in qsc.PRESETS
+    preset = "w4a8-sparse" if sparse else "w4a8"
+    with torch.no_grad():
+        eager_ms, eager_peak = _timed_forward(lambda: model(**inputs, return_dict=False)[0], device)
+        compiled = torch.compile(model)
+        compile_ms, _ = _timed_forward(lambda: compiled(**inputs, return_dict=False)[0], device)
+        fp_out = model(**inputs, return_dict=False)[0]
+        result = qsc.compile(
+            model, qsc.CalibrationSet.from_samples([inputs], outputs=[fp_out]), preset=preset,
+            config={"backend": "triton", "calib_samples": 1, "check_numerics": False},
+        )
+        qsc_ms, qsc_peak = _timed_forward(lambda: result.module(**result.example_inputs), device)
+    return dict(
+        preset=preset, timed="one forward" + ("" if sparse else " (dense: no sparse preset in this qsc yet)"),
+        tau=None, density=None if sparse else 1.0,  # set by the sparse/SSAR pipeline once it exists
+        ms=qsc_ms, bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
+        speedup_vs_bf16_eager=eager_ms / qsc_ms, speedup_vs_bf16_compile=compile_ms / qsc_ms,
+        peak_mem_ratio=(qsc_peak / eager_peak) if eager_peak else None,
+        storage_ratio=result.sizes["ratio"], output_metrics=result.metrics,
+    )
+
+
+def _timed_forward(fn, device: torch.device) -> tuple[float, int | None]:
+    """(median ms, peak bytes allocated during one call; None off CUDA)."""
+    ms = bench_ms(fn, device)
+    if device.type != "cuda":
+        return ms, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated()
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-interpreter-{platform.machine()}"
+    return dict(device=name, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                cuda=torch.version.cuda, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command=" ".join([Path(sys.executable).name, *sys.argv]))
+
+
+def print_table(report: dict) -> None:
+    print(f"\n== qsc GPU suite: {report['device']} ({report['date']}) ==")
+    if report.get("gemm"):
+        print(f"{'GEMM':<8}{'K':>6}{'N':>6}{'ms':>10}{'bf16 ms':>10}{'speedup':>9}{'rel err':>10}")
+        for r in report["gemm"]:
+            print(f"{r['scheme']:<8}{r['K']:>6}{r['N']:>6}{r['ms']:>10.3f}{r['bf16_ms']:>10.3f}"
+                  f"{r['speedup_vs_bf16']:>8.2f}x{r['rel_err']:>10.1e}")
+    if report.get("attention"):
+        print(f"{'density':<8}{'':>12}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}")
+        for r in report["attention"]:
+            print(f"{r['density']:<8}{'':>12}{r['ms']:>10.3f}{r['sdpa_ms']:>10.3f}"
+                  f"{r['speedup_vs_sdpa']:>8.2f}x{r['rel_err']:>10.1e}")
+    if "end_to_end" in report:
+        print("end to end:", json.dumps(report["end_to_end"], default=str))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="gemm,attention,end_to_end")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results on a GPU)")
+    args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, just below
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        parser.error("no CUDA device: use --dry-run to exercise the suite on the CPU")
+    torch.manual_seed(0)
+    s = shapes(args.dry_run)
+
+    report = environment(device)
+    if "gemm" in sections:
+        report["gemm"] = gemm_rows(device, s)
+    if "attention" in sections:
+        report["attention"] = attention_rows(device, s)
+    if "end_to_end" in sections:
+        try:
+            report["end_to_end"] = end_to_end(device, args.dry_run)
+        except Exception as e:  # the kernel figures above must survive a pipeline failure
+            report["end_to_end"] = {"error": f"{type(e).__name__}: {e}"}
+
+    out_dir = args.out if args.out is not None or args.dry_run else Path(__file__).parent / "results"
+    if out_dir is not None:
+        slug = report["device"].lower().replace(" ", "-")
+        path = out_dir / f"gpu-{slug}-{report['date'].replace(':', '')}.json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
