@@ -113,7 +113,8 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
     rows = []
     for density in (1.0, 0.4, 0.25, 0.15):
         # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
-        layout = None if density == 1.0 else random_layout(h, *reference.block_layout_shape(length, length), density, device)
+        tiles = reference.block_layout_shape(length, length)
+        layout = None if density == 1.0 else random_layout(h, *tiles, density, device)
         ms = bench_ms(lambda: triton_backend.sparse_attention(q, k, v, layout, None, None), device)
         out = triton_backend.sparse_attention(q, k, v, layout, None, None)
         rows.append(dict(

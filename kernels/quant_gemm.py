@@ -7,7 +7,9 @@ the weight-only path (a_bits 16), the float activations themselves. W is ``[N, K
 ``qsc.quant.pack_int4``), unpacked in registers right after the load: HBM traffic is half a byte
 per weight.
 
-Accumulation: int8 x int8 products accumulate in int32 (exact); weight-only accumulates in float32.
+Accumulation: int8 x int8 products accumulate in int32 (exact); weight-only multiplies fp16/bf16
+activations (TF32 for float32 ones, on the GPU) with the weights converted to that type (integer
+codes are exact in it) and accumulates in float32; its ``in_scale`` is applied to the A tiles.
 Scales: per-channel weight scales and the per-token activation scales are applied once, in the
 epilogue. Per-group weight scales cannot wait that long: each K group is accumulated on its own
 (exactly, in int32), then scaled and added to a float32 accumulator in the main loop.

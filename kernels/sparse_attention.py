@@ -54,14 +54,16 @@ def _attend_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_keys = offs_n < Lk
-    k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_keys[None, :] & (offs_d[:, None] < D), other=0.0)
+    k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                  mask=in_keys[None, :] & (offs_d[:, None] < D), other=0.0)
     s = tl.dot(q, k_t) * qk_scale
     s = tl.where(in_keys[None, :], s, float("-inf"))  # the ragged last tile
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every kept tile has at least one key
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
