@@ -1,0 +1,150 @@
+"""The quality table on the bundled reference model: what compression does to its videos.
+
+    python benchmarks/quality.py            # 12 evaluation prompts x 2 seeds, 20 sampling steps
+    python benchmarks/quality.py --quick    # 6 prompts x 1 seed, 10 steps: minutes on 2 CPU cores
+
+For FP and every compressed model, the same evaluation prompts and noise seeds (disjoint from the
+calibration ones) are sampled. Columns: PSNR / SSIM of each video against the FP video of the same
+prompt and noise (PSNR capped at ``qsc.metrics.PSNR_CAP``), prompt adherence (the judge recognises
+shape, color and motion of the prompt), Frechet distance in the judge's feature space to real clips
+of the same prompts, storage ratio (FP bytes / compressed bytes of the transformer).
+Writes ``benchmarks/results/quality-<date>[-quick].json`` and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qsc
+from qsc.metrics import PSNR_CAP, frechet_distance, psnr, ssim
+from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
+from qsc.refmodel.data import render
+from qsc.refmodel.judge import adherence, load_judge
+from qsc.refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
+from qsc.refmodel.sampler import sample
+
+METHODS = {"naive PTQ (RTN)": {"smooth_quant": False}, "SmoothQuant PTQ": {"smooth_quant": True}}
+PRESETS = ("w8a8", "w4a8", "w4a6")
+REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
+REAL_SEED_BASE = EVAL_SEED_BASE + 200_000
+
+
+def evaluation_cases(num_prompts: int, seeds: int) -> list[tuple]:
+    """(prompt, seed) pairs; a spread of the evaluation prompts so all shapes, colors and motions occur."""
+    stride = max(1, len(EVAL_PROMPTS) // num_prompts)
+    prompts = EVAL_PROMPTS[::stride][:num_prompts]
+    return [(p, EVAL_SEED_BASE + 1000 * k + i) for k in range(seeds) for i, p in enumerate(prompts)]
+
+
+def generate(denoiser, cases, steps: int) -> torch.Tensor:
+    return torch.stack([sample(denoiser, p, seed, steps=steps) for p, seed in cases])
+
+
+class Scorer:
+    """Adherence and Frechet distance of generated clips, and fidelity to the FP clips."""
+
+    def __init__(self, cases):
+        self.judge = load_judge()
+        self.prompts = [p for p, _ in cases]
+        real = torch.stack([render(p, REAL_SEED_BASE + 100 * j + i)
+                            for i, p in enumerate(dict.fromkeys(self.prompts)) for j in range(REAL_PER_PROMPT)])
+        with torch.no_grad():
+            self.real_features = self.judge.features(real)
+
+    def judge_scores(self, clips: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            features = self.judge.features(clips)
+        return {"adherence": adherence(self.judge, clips, self.prompts)["all"],
+                "fd": frechet_distance(features, self.real_features)}
+
+    @staticmethod
+    def fidelity(clips: torch.Tensor, fp_clips: torch.Tensor) -> dict[str, float]:
+        pairs = list(zip(clips, fp_clips))
+        return {"psnr": sum(min(psnr(c, r, peak=1.0), PSNR_CAP) for c, r in pairs) / len(pairs),
+                "ssim": sum(ssim(c, r) for c, r in pairs) / len(pairs)}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| method | bits | density | PSNR (dB) | SSIM | adherence | FD | storage ratio | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| FP | fp32 | 1.0 | - | - | {report['fp']['adherence']:.3f} | {report['fp']['fd']:.2f} | 1.00 | - |"]
+    for row, seconds in zip(report["rows"], report["settings"]["compile_seconds"]):
+        lines.append(f"| {row['method']} | {row['bits']} | {row['density']} | {row['psnr']:.2f} | {row['ssim']:.4f} "
+                     f"| {row['adherence']:.3f} | {row['fd']:.2f} | {row['storage_ratio']:.2f} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="6 prompts x 1 seed, 10 steps, 4 calibration prompts")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--fp-only", action="store_true", help="only the FP row (no compilation)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    prompts, seeds, steps, calib_prompts = (6, 1, 10, 4) if args.quick else (12, 2, 20, 8)
+    torch.set_num_threads(args.threads)
+
+    started = time.time()
+    model = load_reference_model()
+    cases = evaluation_cases(prompts, seeds)
+    scorer = Scorer(cases)
+    fp_clips = generate(as_denoiser(model), cases, steps)
+    fp = scorer.judge_scores(fp_clips)
+    print(f"FP: {json.dumps(fp)} ({time.time() - started:.0f} s)", flush=True)
+
+    rows, compile_seconds = [], []
+    if not args.fp_only:
+        calib = reference_calibration(num_prompts=calib_prompts, steps=steps)
+        for preset in args.presets.split(","):
+            for method, overrides in METHODS.items():
+                result = qsc.compile(model, calibration=calib, preset=preset,
+                                     config={**overrides, "calib_samples": len(calib)})
+                clips = generate(result.module, cases, steps)
+                rows.append({"method": method, "bits": preset.upper(), "density": 1.0,
+                             **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
+                             "storage_ratio": result.sizes["ratio"]})
+                compile_seconds.append(result.seconds)
+                print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", flush=True)
+
+    date = datetime.date.today().isoformat()
+    report = {
+        "fp": fp,
+        "rows": rows,
+        "device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                  f"torch {torch.__version__}",
+        "date": date,
+        "command": " ".join(["python benchmarks/quality.py", *argv]),
+        "settings": {"videos": len(cases), "prompts": prompts, "seeds_per_prompt": seeds, "steps": steps,
+                     "calibration_prompts": calib_prompts, "real_clips_for_fd": len(scorer.real_features),
+                     "judge_held_out_accuracy": json.loads(_judge_accuracy()),
+                     "compile_seconds": compile_seconds, "total_seconds": round(time.time() - started, 1)},
+    }
+    out = Path(args.out) / f"quality-{date}{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    print(f"wrote {out} in {time.time() - started:.0f} s")
+    return report
+
+
+def _judge_accuracy() -> str:
+    from safetensors import safe_open
+
+    from qsc.refmodel.judge import WEIGHTS
+
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        return f.metadata()["held_out_accuracy"]
+
+
+if __name__ == "__main__":
+    main()
