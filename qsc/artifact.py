@@ -101,7 +101,7 @@ def load(path: str | Path, *, backend: str = "auto") -> CompressedModule:
     _restore_weights(program, load_file(str(path / WEIGHTS)), path)
     backend = backends.best_available() if backend == "auto" else backend
     backends.enable(backend)
-    return CompressedModule(program.module(), manifest, backend)
+    return CompressedModule(program.module(), manifest, backend).requires_grad_(False)
 
 
 def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -144,6 +144,10 @@ def _restore_weights(program: torch.export.ExportedProgram, weights: dict[str, t
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise InputError(f"{path / WEIGHTS} does not fit {PROGRAM}: missing {missing[:5]}, unexpected {extra[:5]}")
+    # Copies into fresh (64-byte aligned) allocations: safetensors' buffers sit at arbitrary file
+    # offsets, and CPU GEMM kernels round differently on unaligned data, which would break the
+    # bit-for-bit equality of the loaded artifact with the compiled program.
+    weights = {k: v.clone() for k, v in weights.items()}
     for k, old in program.state_dict.items():
         w = weights[k]
         program.state_dict[k] = torch.nn.Parameter(w, requires_grad=False) if isinstance(old, torch.nn.Parameter) else w

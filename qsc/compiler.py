@@ -101,7 +101,7 @@ def compile(
 
     gm = PassManager(pipeline_for(cfg), instruments).run(_working_copy(teacher), ctx)
     program = _reexport(gm, sample)
-    module = program.module()
+    module = program.module().requires_grad_(False)
     with torch.no_grad():
         out = module(**sample)
     return CompileResult(

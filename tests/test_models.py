@@ -1,0 +1,72 @@
+"""The diffusers video transformers go through compile -> save -> load -> run, at W8A8 and W4A8."""
+
+import pytest
+import torch
+
+import qsc
+from qsc.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from qsc.frontend import DenoiserAdapter, export_graph
+from qsc.graph import LayerFilter, layer_path, linear_sites
+from qsc.models import synthetic_calibration
+
+from tiny_models import CONFIGS, tiny_model
+
+# Relative L2 error of the whole transformer's output against FP on a calibration sample.
+ERROR_BOUND = {"w8a8": 0.01, "w4a8": 0.05}
+
+
+def _ops(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_and_data(request):
+    model = tiny_model(request.param)
+    return request.param, model, synthetic_calibration(model, 4, seed=0)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_compile_save_load_run(model_and_data, preset, tmp_path):
+    name, model, calib = model_and_data
+    result = qsc.compile(model, calib, preset=preset, config={"calib_samples": 4})
+
+    # Every linear inside the blocks (and outside the skip list) became one qsc op ...
+    fp_graph = export_graph(DenoiserAdapter(model), calib.sample(0))
+    all_linears = {s.layer for s in linear_sites(fp_graph)}
+    expected = {layer for layer in all_linears if LayerFilter(DEFAULT_INCLUDE, DEFAULT_EXCLUDE)(layer)}
+    assert expected and set(result.layers) == expected
+    compressed = result.program.graph_module
+    assert len(_ops(compressed, torch.ops.qsc.quant_linear.default)) == len(expected)
+    # ... and exactly the skip-listed linears (embedders, modulation, final layer) remain float.
+    remaining = {layer_path(n.args[1].target) for n in _ops(result.module, torch.ops.aten.linear.default)}
+    assert remaining == all_linears - expected
+    assert "proj_out" in remaining and not any(".attn" in r and "blocks" in r and "refiner" not in r for r in remaining)
+
+    with torch.no_grad():
+        fp_out = DenoiserAdapter(model)(**calib.sample(0))
+        out = result.module(**calib.sample(0))
+    assert qsc.metrics.relative_l2(out, fp_out) < ERROR_BOUND[preset]
+    assert result.sizes["ratio"] > 1.3
+
+    loaded = qsc.load(result.save(tmp_path / f"{name}.qsc"))
+    for i in range(2):
+        sample = calib.sample(i)
+        with torch.no_grad():
+            assert torch.equal(loaded(**sample), result.module(**sample))
+
+    # The loaded program is still a program: it exports again.
+    reexported = torch.export.export(loaded, (), calib.sample(0), strict=False)
+    assert _ops(reexported.graph_module, torch.ops.qsc.quant_linear.default)
+
+
+def test_weights_are_packed_four_bit_in_the_artifact(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("wan")
+    result = qsc.compile(model, preset="w4a8", config={"calib_samples": 2, "check_numerics": False})
+    weights = load_file(result.save(tmp_path / "w.qsc") / "weights.safetensors")
+    qweight = weights["model.blocks.0.attn1.to_q.qweight"]
+    n, k = model.blocks[0].attn1.to_q.weight.shape
+    assert qweight.dtype == torch.uint8 and qweight.shape == (n, k // 2)
+    assert "model.blocks.0.attn1.to_q.weight" not in weights  # the float weight is gone
+    assert weights["model.proj_out.weight"].dtype == torch.float32  # kept layers stay float
