@@ -64,6 +64,28 @@ def check_block_layout(q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor) -
         )
 
 
+def _quantize_tiles(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, L, D]`` -> int8 codes of the same shape and float32 scales ``[B, H, ceil(L/rows)]``:
+    one symmetric 8-bit scale per tile of ``rows`` tokens (the zero padding leaves max|x| alone)."""
+    b, h, length, d = x.shape
+    tiles = torch.nn.functional.pad(x.float(), (0, 0, 0, -length % rows)).reshape(b, h, -1, rows * d)
+    codes, scales = quant.quantize_per_token(tiles, 8)
+    return codes.reshape(b, h, -1, d)[:, :, :length], scales.squeeze(-1)
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """INT8 Q and K for the QK^T product, SageAttention-style: (q codes, q scales per 128-query
+    tile, k codes, k scales per 64-key tile). K first loses its mean over the tokens: that shifts
+    every score of a query by the same amount, which softmax ignores, and takes the large shared
+    offset of K (channel outliers) out of the quantization range."""
+    kf = k.float()
+    return (*_quantize_tiles(q, SPARSE_BLOCK_M), *_quantize_tiles(kf - kf.mean(dim=2, keepdim=True), SPARSE_BLOCK_N))
+
+
+def _dequantize_tiles(codes: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:
+    return codes.float() * scales.repeat_interleave(rows, dim=-1)[..., : codes.shape[2], None]
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,15 +93,21 @@ def sparse_attention(
     layout: torch.Tensor | None,
     residual: torch.Tensor | None,
     scale: float | None,
+    qk_int8: bool = False,
 ) -> torch.Tensor:
-    """Masked softmax attention in float32, one query tile at a time (memory ``B*H*128*Lk``)."""
+    """Masked softmax attention in float32, one query tile at a time (memory ``B*H*128*Lk``);
+    with ``qk_int8`` the scores come from the INT8 Q and K of ``quantize_qk``."""
     b, h, lq, d = q.shape
-    lk = k.shape[2]
+    lk, out_dtype = k.shape[2], q.dtype
     scale = d**-0.5 if scale is None else scale
     if layout is not None:
         check_block_layout(q, k, layout)
         layout = layout.expand(b, h, *layout.shape[-2:])
     kf, vf = k.float(), v.float()
+    if qk_int8:
+        q_codes, q_scales, k_codes, k_scales = quantize_qk(q, k)
+        q = _dequantize_tiles(q_codes, q_scales, SPARSE_BLOCK_M)
+        kf = _dequantize_tiles(k_codes, k_scales, SPARSE_BLOCK_N)
     out = torch.zeros(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
     for i, r0 in enumerate(range(0, lq, SPARSE_BLOCK_M)):
         s = q[:, :, r0 : r0 + SPARSE_BLOCK_M].float() @ kf.transpose(-1, -2) * scale
@@ -92,4 +120,4 @@ def sparse_attention(
         out[:, :, r0 : r0 + SPARSE_BLOCK_M] = p @ vf
     if residual is not None:
         out += residual.float()
-    return out.to(q.dtype)
+    return out.to(out_dtype)

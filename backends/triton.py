@@ -60,15 +60,21 @@ def sparse_attention(
     layout: torch.Tensor | None,
     residual: torch.Tensor | None,
     scale: float | None,
+    qk_int8: bool = False,
 ) -> torch.Tensor:
-    """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual fused."""
+    """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual fused; with
+    ``qk_int8`` Q and K are quantized per tile first (the reference's ``quantize_qk``, on the GPU)."""
     from qsc.kernels import sparse_attention as kernel
 
     if layout is not None:
         reference.check_block_layout(q, k, layout)
+    qk_scales = None
+    if qk_int8:
+        q, q_scales, k, k_scales = reference.quantize_qk(q, k)
+        qk_scales = (q_scales, k_scales)
     return kernel.sparse_attention(
         q, k, v, layout, residual, scale,
-        layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N,
+        layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
     )
 
 

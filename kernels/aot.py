@@ -88,15 +88,16 @@ def compile_act_quant(target: GPUTarget, *, x_dtype: str, in_scale: bool, bits: 
 
 def compile_sparse_attention(
     config: triton.Config, target: GPUTarget, *, dtype: str, head_dim: int, dense: bool, residual: bool,
-    heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
+    qk_int8: bool, heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
 ):
-    """Strides are those of contiguous ``[B, H, L, D]`` tensors and a per-head layout."""
+    """Strides are those of contiguous ``[B, H, L, D]`` tensors and a per-head layout; ``qk_int8``
+    makes q and k int8 codes with per-tile scales."""
     mb, nb = -(-lq // layout_block_m), -(-lk // sparse_attention.BLOCK_N)
     q_strides = dict(b=heads * lq * head_dim, h=lq * head_dim, m=head_dim)
     k_strides = dict(b=heads * lk * head_dim, h=lk * head_dim, n=head_dim)
     params = dict(
-        q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", r_ptr=f"*{dtype}", o_ptr=f"*{dtype}",
-        idx_ptr="*i32", cnt_ptr="*i32",
+        q_ptr="*i8" if qk_int8 else f"*{dtype}", k_ptr="*i8" if qk_int8 else f"*{dtype}", v_ptr=f"*{dtype}",
+        r_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32", q_scale_ptr="*fp32", k_scale_ptr="*fp32",
         stride_qb=q_strides["b"], stride_qh=q_strides["h"], stride_qm=q_strides["m"],
         stride_kb=k_strides["b"], stride_kh=k_strides["h"], stride_kn=k_strides["n"],
         stride_vb=k_strides["b"], stride_vh=k_strides["h"], stride_vn=k_strides["n"],
@@ -106,11 +107,12 @@ def compile_sparse_attention(
         H=heads, Lq=lq, Lk=lk, D=head_dim, qk_scale=0.1,
     )
     constexprs = dict(
-        DENSE=dense, HAS_RESIDUAL=residual, LAYOUT_M=layout_block_m,
+        DENSE=dense, HAS_RESIDUAL=residual, QK_INT8=qk_int8, LAYOUT_M=layout_block_m,
         BLOCK_D=sparse_attention.block_d(head_dim), BLOCK_N=sparse_attention.BLOCK_N, **config.kwargs,
     )
-    if not residual:
-        constexprs["r_ptr"] = None
+    for name, present in (("r_ptr", residual), ("q_scale_ptr", qk_int8), ("k_scale_ptr", qk_int8)):
+        if not present:
+            constexprs[name] = None
     return _compile(sparse_attention._sparse_attention_kernel, target, params, constexprs,
                     config.num_warps, config.num_stages)
 
@@ -124,8 +126,9 @@ GEMM_VARIANTS = (
     dict(w_bits=4, group_size=128, a_dtype="bf16", out_dtype="bf16", in_scale=True, bias=False),
 )
 ATTENTION_VARIANTS = (
-    dict(dtype="bf16", head_dim=128, dense=False, residual=True),
-    dict(dtype="bf16", head_dim=128, dense=True, residual=False),
+    dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=False),
+    dict(dtype="bf16", head_dim=128, dense=True, residual=False, qk_int8=False),
+    dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=True),
 )
 
 

@@ -11,6 +11,11 @@ float32, ``exp2`` with ``scale * log2(e)`` folded into the scores. The epilogue 
 softmax sum (a row with no kept tile has sum 0 and gets output 0) and adds the optional residual
 (SSAR's ``O = O_sparse + R``) before the one store.
 
+Optional INT8 QK^T (SageAttention-style, ``qk_scales``): q and k arrive as int8 codes with one
+float32 scale per query tile / key tile (K smoothed by its mean first, see
+``qsc.backends.reference.quantize_qk``); the scores come from the int8 tensor cores with int32
+accumulation, scaled by ``q_scale * k_scale``. P.V stays in fp16/bf16.
+
 The reference this kernel is tested against is ``qsc.backends.reference.sparse_attention``, which
 also defines the layout format.
 """
@@ -47,68 +52,76 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn, Lk, D, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q, m_i, l_i, acc, k_base, v_base, k_scales, start_n, stride_kn, stride_vn, Lk, D, qk_scale,
+    QK_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One online-softmax step of a query tile over keys ``start_n : start_n + BLOCK_N``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_keys = offs_n < Lk
     k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                  mask=in_keys[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, k_t) * qk_scale
+                  mask=in_keys[None, :] & (offs_d[:, None] < D), other=0)
+    if QK_INT8:  # int8 codes, exact int32 products; qk_scale already holds the query tile's scale
+        s = tl.dot(q, k_t, out_dtype=tl.int32).to(tl.float32) * (qk_scale * tl.load(k_scales + start_n // BLOCK_N))
+    else:
+        s = tl.dot(q, k_t) * qk_scale
     s = tl.where(in_keys[None, :], s, float("-inf"))  # the ragged last tile
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every kept tile has at least one key
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=in_keys[:, None] & (offs_d[None, :] < D), other=0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
 @triton.autotune(
     configs=HOPPER_CONFIGS + FALLBACK_CONFIGS,
-    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "LAYOUT_M"],
+    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "QK_INT8", "LAYOUT_M"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, r_ptr, o_ptr, idx_ptr, cnt_ptr,
+    q_ptr, k_ptr, v_ptr, r_ptr, o_ptr, idx_ptr, cnt_ptr, q_scale_ptr, k_scale_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_om,
     stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
     H, Lq, Lk, D, qk_scale,
-    DENSE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LAYOUT_M: tl.constexpr,
+    DENSE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QK_INT8: tl.constexpr, LAYOUT_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    row = pid_m * BLOCK_M // LAYOUT_M  # the program's row of the layout (and of the q scales)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=tile_mask, other=0)
+    k_scales = k_scale_ptr  # QK_INT8: contiguous [B, H, ceil(Lk / BLOCK_N)] and [B, H, ceil(Lq / LAYOUT_M)]
+    if QK_INT8:
+        k_scales += pid_bh * tl.cdiv(Lk, BLOCK_N)
+        qk_scale *= tl.load(q_scale_ptr + pid_bh * tl.cdiv(Lq, LAYOUT_M) + row)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if DENSE:
         for start_n in range(0, Lk, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn,
-                                         Lk, D, qk_scale, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, k_scales, start_n, stride_kn, stride_vn,
+                                         Lk, D, qk_scale, QK_INT8, BLOCK_N, BLOCK_D)
     else:
-        row = pid_m * BLOCK_M // LAYOUT_M
         idx_row = idx_ptr + b * stride_ib + h * stride_ih + row * stride_im
         count = tl.load(cnt_ptr + b * stride_cb + h * stride_ch + row)
         for i in range(count):
             start_n = tl.load(idx_row + i) * BLOCK_N
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, start_n, stride_kn, stride_vn,
-                                         Lk, D, qk_scale, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, k_scales, start_n, stride_kn, stride_vn,
+                                         Lk, D, qk_scale, QK_INT8, BLOCK_N, BLOCK_D)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if HAS_RESIDUAL:
@@ -144,18 +157,22 @@ def sparse_attention(
     scale: float | None,
     layout_block_m: int,
     layout_block_n: int,
+    qk_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Attention of q ``[B, H, Lq, D]`` over k, v ``[B, H, Lk, D]`` (any strides but the last), the
     tiles kept by the bool ``layout`` (``[H | B, H, Mb, Nb]`` of ``layout_block_m x layout_block_n``
-    tiles, already validated) or all (None), plus ``residual``. ``config`` pins a tile configuration
-    instead of autotuning (tests and benchmarks)."""
+    tiles, already validated) or all (None), plus ``residual``, in the dtype of v.
+
+    With ``qk_scales`` = (float32 ``[B, H, ceil(Lq / layout_block_m)]``, ``[B, H, ceil(Lk / 64)]``),
+    q and k are int8 codes, one scale per tile, and QK^T runs on the int8 tensor cores.
+    ``config`` pins a tile configuration instead of autotuning (tests and benchmarks)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     assert v.shape[-1] == d, "q, k and v must share the head dimension"
     assert layout_block_n == BLOCK_N and layout_block_m % MAX_BLOCK_M == 0, "layout tiles do not match the kernel's"
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, h, lq, d), dtype=v.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if layout is None:
@@ -167,16 +184,18 @@ def sparse_attention(
     if residual is not None:
         residual = _rows_contiguous(residual)
     r_strides = residual.stride()[:3] if residual is not None else (0, 0, 0)
+    q_scales, k_scales = (s.contiguous() for s in qk_scales) if qk_scales is not None else (None, None)
     scale = d**-0.5 if scale is None else scale
 
     args = (
-        q, k, v, residual, out, idx, counts,
+        q, k, v, residual, out, idx, counts, q_scales, k_scales,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *r_strides, *out.stride()[:3],
         *idx.stride()[:3], *counts.stride()[:2],
         h, lq, lk, d, scale * math.log2(math.e),
     )
     meta = dict(
-        DENSE=layout is None, HAS_RESIDUAL=residual is not None, LAYOUT_M=layout_block_m,
+        DENSE=layout is None, HAS_RESIDUAL=residual is not None, QK_INT8=qk_scales is not None,
+        LAYOUT_M=layout_block_m,
         BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
     )
 

@@ -52,6 +52,7 @@ def sparse_attention(
     layout: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     scale: float | None = None,
+    qk_int8: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention ``softmax(q k^T * scale) v`` over the kept tiles only, plus ``residual``.
 
@@ -59,11 +60,12 @@ def sparse_attention(
     layout: bool ``[H, ceil(Lq/128), ceil(Lk/64)]`` or ``[B, H, ...]``, tiles of 128 queries x 64
     keys (``reference.SPARSE_BLOCK_M/N``), None = dense; a query tile with no kept key tile gets 0.
     residual: optional ``[B, H, Lq, D]`` added to the output (SSAR's cached correction);
-    scale: softmax scale, default ``D ** -0.5``.
+    scale: softmax scale, default ``D ** -0.5``;
+    qk_int8: compute q k^T from INT8 tiles of q and mean-smoothed k (``reference.quantize_qk``).
     """
-    return reference.sparse_attention(q, k, v, layout, residual, scale)
+    return reference.sparse_attention(q, k, v, layout, residual, scale, qk_int8)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, layout=None, residual=None, scale=None):
+def _(q, k, v, layout=None, residual=None, scale=None, qk_int8=False):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

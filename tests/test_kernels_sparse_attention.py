@@ -126,3 +126,24 @@ def test_op_exports_with_its_layout():
     assert torch.ops.qsc.sparse_attention.default in targets
     expected = reference.sparse_attention(q, k, v, layout, residual, None)
     torch.testing.assert_close(ep.module()(q, k, v, layout, residual), expected)
+
+
+@pytest.mark.parametrize("density", [None, 0.4])
+def test_int8_qk_matches_reference(density):
+    b, h, lq, lk, d = 1, 2, 300, 200, 32
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=12)
+    layout = None if density is None else _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=13)
+    residual = torch.randn(b, h, lq, d, generator=_gen(14)).half()
+    out = triton_backend.sparse_attention(q, k, v, layout, residual, None, True)
+    assert out.dtype == torch.float16
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, True))
+
+
+def test_int8_qk_smoothing_removes_the_shared_key_offset():
+    # A large offset shared by all keys would eat the int8 range of K; subtracting the mean of K
+    # removes it without changing the softmax, so INT8 scores stay close to the float ones.
+    q, k, v = _qkv(1, 2, 256, 256, 32, torch.float32, seed=15)
+    k = k + 100.0
+    exact = reference.sparse_attention(q, k, v, None, None, None)
+    int8 = reference.sparse_attention(q, k, v, None, None, None, qk_int8=True)
+    assert ((int8 - exact).norm() / exact.norm()).item() < 0.05
