@@ -111,16 +111,18 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
     with sdpa_kernel(backend):
         sdpa_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
     rows = []
-    for density in (1.0, 0.4, 0.25, 0.15):
-        # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
+    # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
+    # The INT8 QK^T rows include the quantization of Q and K (plain PyTorch ops, not fused yet).
+    for density, qk_int8 in ((1.0, False), (0.4, False), (0.25, False), (0.15, False), (1.0, True), (0.15, True)):
         tiles = reference.block_layout_shape(length, length)
         layout = None if density == 1.0 else random_layout(h, *tiles, density, device)
-        ms = bench_ms(lambda: triton_backend.sparse_attention(q, k, v, layout, None, None), device)
-        out = triton_backend.sparse_attention(q, k, v, layout, None, None)
+        args = (q, k, v, layout, None, None, qk_int8)
+        ms = bench_ms(lambda: triton_backend.sparse_attention(*args), device)
+        out = triton_backend.sparse_attention(*args)
         rows.append(dict(
-            density=density, tile_density=1.0 if layout is None else layout.float().mean().item(), L=length, heads=h,
-            head_dim=d, ms=ms, sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / ms,
-            rel_err=rel_err(out, reference.sparse_attention(q, k, v, layout, None, None)),
+            density=density, qk_int8=qk_int8, tile_density=1.0 if layout is None else layout.float().mean().item(),
+            L=length, heads=h, head_dim=d, ms=ms, sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / ms,
+            rel_err=rel_err(out, reference.sparse_attention(*args)),
         ))
     return rows
 
@@ -202,9 +204,9 @@ def print_table(report: dict) -> None:
             print(f"{r['scheme']:<8}{r['K']:>6}{r['N']:>6}{r['ms']:>10.3f}{r['bf16_ms']:>10.3f}"
                   f"{r['speedup_vs_bf16']:>8.2f}x{r['rel_err']:>10.1e}")
     if report.get("attention"):
-        print(f"{'density':<8}{'':>12}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}")
+        print(f"{'density':<8}{'QK':>12}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}")
         for r in report["attention"]:
-            print(f"{r['density']:<8}{'':>12}{r['ms']:>10.3f}{r['sdpa_ms']:>10.3f}"
+            print(f"{r['density']:<8}{'int8' if r['qk_int8'] else 'fp':>12}{r['ms']:>10.3f}{r['sdpa_ms']:>10.3f}"
                   f"{r['speedup_vs_sdpa']:>8.2f}x{r['rel_err']:>10.1e}")
     if "end_to_end" in report:
         print("end to end:", json.dumps(report["end_to_end"], default=str))
