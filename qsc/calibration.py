@@ -5,7 +5,8 @@ On disk a calibration set is one safetensors file:
 * ``input.<name>``: the keyword argument ``<name>`` of the transformer's forward for every sample,
   stacked along a new leading sample dimension (``[S, *shape]``);
 * ``output`` (optional): the FP transformer's output for every sample, ``[S, *shape]``;
-* metadata ``qsc_format = "calibration/1"`` and ``records``: a JSON list with one object per sample
+* metadata ``qsc_format = "calibration/1"``, ``inputs``: the input names in forward order (JSON), and
+  ``records``: a JSON list with one object per sample
   (prompt, step index, timestep, seed: whatever the recorder knows), used by data selection passes.
 
 All samples share one shape per input, so one sample is exactly one forward call of the model.
@@ -113,7 +114,11 @@ class CalibrationSet:
         tensors = {f"input.{n}": t.contiguous() for n, t in self.inputs.items()}
         if self.outputs is not None:
             tensors["output"] = self.outputs.contiguous()
-        meta = {"qsc_format": FORMAT, "records": json.dumps(self.records, sort_keys=True)}
+        meta = {
+            "qsc_format": FORMAT,
+            "inputs": json.dumps(self.input_names),  # safetensors sorts keys; forward order matters
+            "records": json.dumps(self.records, sort_keys=True),
+        }
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -136,6 +141,9 @@ class CalibrationSet:
                 f"{meta.get('qsc_format')!r}, expected {FORMAT!r})"
             )
         inputs = {k.removeprefix("input."): v for k, v in tensors.items() if k.startswith("input.")}
+        order = json.loads(meta.get("inputs", "[]"))
+        if sorted(order) == sorted(inputs):
+            inputs = {name: inputs[name] for name in order}
         return cls(inputs, tensors.get("output"), json.loads(meta.get("records", "[]"))).validate(
             str(path)
         )

@@ -25,6 +25,7 @@ from .frontend import (
     check_inputs_fit,
     export_graph,
     load_model,
+    match_program_inputs,
     model_dtype,
 )
 from .instruments import DumpIR, NumericCheck, Timing
@@ -75,13 +76,15 @@ def compile(
     source = _as_source(model, load_options)
     calib = _calibration(calibration, source, cfg)
 
+    inputs = calib.inputs
     if source.program is not None:
         teacher = source.program.module()
         dtype = model_dtype(teacher)
+        inputs = match_program_inputs(source.program, inputs)
     else:
         adapter = DenoiserAdapter(source.module).eval()
         dtype = model_dtype(adapter)
-    calib = CalibrationSet(cast_inputs(calib.inputs, dtype), calib.outputs, calib.records)
+    calib = CalibrationSet(cast_inputs(inputs, dtype), calib.outputs, calib.records)
     sample = calib.sample(0)
     if source.program is None:
         fp_out = check_inputs_fit(adapter, sample)

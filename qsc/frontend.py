@@ -92,6 +92,19 @@ def _load_program(path: Path) -> ModelSource:
     return ModelSource({"kind": "pt2", "path": str(path)}, program=program)
 
 
+def match_program_inputs(
+    program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``inputs`` in the keyword order ``program`` was exported with (its guards check by position)."""
+    spec = program.call_spec.in_spec
+    names = list(spec.children_specs[1].context) if spec is not None else []
+    if spec is None or spec.children_specs[0].num_children or set(names) != set(inputs):
+        raise InputError(
+            f"the program takes keyword inputs {names}, the calibration data has {list(inputs)}"
+        )
+    return {name: inputs[name] for name in names}
+
+
 def _load_diffusers_dir(path: Path) -> ModelSource:
     if (path / "model_index.json").is_file():
         if not (path / "transformer" / "config.json").is_file():

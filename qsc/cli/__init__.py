@@ -31,7 +31,7 @@ class QscGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QscError as e:
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False)
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
 
 
