@@ -1,40 +1,24 @@
-"""Pass ``quantize_linear``: replace every quantizable ``aten.linear`` by ``qsc::quant_linear``.
+"""Pass ``quantize_linear``: replace ``aten.linear`` by ``qsc::quant_linear`` per the scheme plan.
 
-The weight is quantized by round-to-nearest on min-max scales (per output channel or per group),
-optionally shrunk by a per-layer clipping ratio that an earlier pass learned (analysis
-``weight_clip``), and stored packed (int4 two per byte, or int8). A SmoothQuant multiplier in
-front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is folded into the op's
-``in_scale``. The original float weight leaves the graph.
+Each linear gets the scheme ``qsc.schemes.SchemePlan`` assigns to its layer (weights and
+activations, weight-only, or none). The weight is quantized by round-to-nearest on min-max scales
+(per output channel or per group), optionally shrunk by a per-layer clipping ratio that an earlier
+pass learned (analysis ``weight_clip``), and stored packed (int4 two per byte, or int8). A
+SmoothQuant multiplier in front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is
+folded into the op's ``in_scale``. The original float weight leaves the graph.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import fx
 
 from qsc import quant
-from qsc.config import CompileConfig
-from qsc.graph import at_node, finalize, quantizable_linears, register_buffer, remove_attr
+from qsc.graph import at_node, finalize, linear_sites, register_buffer, remove_attr
 from qsc.pipeline import Pass, PassContext, PassResult
+from qsc.schemes import SchemePlan, layer_record
 
 from .smooth_quant import SMOOTH_META
-
-
-def layer_plan(weight: torch.Tensor, cfg: CompileConfig, smoothed: bool) -> dict[str, Any]:
-    """How a linear with this weight is quantized under ``cfg``, and its bytes before and after."""
-    n, k = weight.shape
-    group = quant.effective_group_size(k, cfg.group_size)
-    return {
-        "shape": [n, k],
-        "w_bits": cfg.w_bits,
-        "a_bits": cfg.a_bits,
-        "group_size": group,
-        "smoothed": smoothed,
-        "bytes_fp": weight.numel() * weight.element_size(),
-        "bytes_packed": quant.packed_weight_nbytes(n, k, cfg.w_bits, group),
-    }
 
 
 class QuantizeLinear(Pass):
@@ -42,40 +26,41 @@ class QuantizeLinear(Pass):
     produces = ("quantized_layers",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        cfg = ctx.config
+        plan = SchemePlan(ctx.config)
         clips = ctx.analyses.get("weight_clip", {})
-        layers = {}
-        sites = quantizable_linears(gm, cfg.include, cfg.exclude)
-        for site in sites:
+        layers, replaced = {}, []
+        for site in linear_sites(gm):
+            weight = gm.get_parameter(site.weight_target).detach()
+            scheme = plan.scheme(site.layer, weight.shape[1])
+            if scheme is None:
+                continue
             with at_node(site.node):
                 node = site.node
                 x, _, *rest = node.args
                 bias = rest[0] if rest else None
-                weight = gm.get_parameter(site.weight_target).detach()
-                k = weight.shape[1]
-                group = quant.effective_group_size(k, cfg.group_size)
-                scale = quant.weight_scale(weight, cfg.w_bits, group, clips.get(site.layer, 1.0))
-                codes = quant.quantize_weight(weight, scale, cfg.w_bits, group)
+                scale = quant.weight_scale(weight, scheme.w_bits, scheme.group_size, clips.get(site.layer, 1.0))
+                codes = quant.quantize_weight(weight, scale, scheme.w_bits, scheme.group_size)
 
                 in_scale = None
                 if isinstance(x, fx.Node) and x.meta.get(SMOOTH_META):
                     x, in_scale = x.args
 
                 owner = site.owner_target
-                qweight_t = register_buffer(gm, owner, "qweight", quant.pack_weight(codes, cfg.w_bits))
+                qweight_t = register_buffer(gm, owner, "qweight", quant.pack_weight(codes, scheme.w_bits))
                 scale_t = register_buffer(gm, owner, "w_scale", scale)
                 with gm.graph.inserting_before(node):
                     qop = gm.graph.call_function(
                         torch.ops.qsc.quant_linear.default,
                         (x, gm.graph.get_attr(qweight_t), gm.graph.get_attr(scale_t), bias, in_scale,
-                         cfg.w_bits, cfg.a_bits, group, k, cfg.a_clip),
+                         scheme.w_bits, scheme.a_bits, scheme.group_size, weight.shape[1], scheme.a_clip),
                     )
                 qop.meta = dict(node.meta)
                 node.replace_all_uses_with(qop)
                 gm.graph.erase_node(node)
-                layers[site.layer] = layer_plan(weight, cfg, smoothed=in_scale is not None)
+                layers[site.layer] = layer_record(weight, scheme, smoothed=in_scale is not None)
+                replaced.append(site.weight_target)
         finalize(gm)  # drops the now-dead get_attr of each float weight and the smoothing muls
+        for target in replaced:
+            remove_attr(gm, target)
         ctx.analyses["quantized_layers"] = layers
-        for site in sites:
-            remove_attr(gm, site.weight_target)
         return PassResult(gm, modified=bool(layers))

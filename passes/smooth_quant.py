@@ -44,8 +44,11 @@ class SmoothQuant(Pass):
                 if len(site.node.args[1].users) > 1:
                     continue  # a weight shared by several linears cannot take one layer's factors
                 s = smoothing_factors(stats[site.layer].channel_absmax, weight, cfg.smooth_alpha)
-                with torch.no_grad():
-                    weight.mul_(s.to(weight.dtype))
+                # A new parameter, not an in-place update: the graph's weights may alias the
+                # user's model (and the FP teacher).
+                owner = gm.get_submodule(site.owner_target)
+                setattr(owner, site.weight_target.rpartition(".")[2],
+                        torch.nn.Parameter(weight.detach() * s.to(weight.dtype), requires_grad=False))
                 inv_target = register_buffer(gm, site.owner_target, "smooth_inv", (1.0 / s).to(weight.dtype))
                 x = site.node.args[0]
                 with gm.graph.inserting_before(site.node):

@@ -115,7 +115,7 @@ def compile(
         example_inputs=sample,
         layers=ctx.analyses.get("quantized_layers", {}),
         pass_log=ctx.pass_log,
-        sizes=_sizes(teacher, program),
+        sizes=_sizes(teacher, module),
         metrics=output_metrics(out, fp_out),
         seconds=time.perf_counter() - start,
     )
@@ -171,11 +171,11 @@ def _reexport(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> torch.expo
         raise ExportError(f"the compressed graph no longer exports (a qsc bug): {type(e).__name__}: {e}") from e
 
 
-def state_bytes(tensors: Mapping[str, Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: the model's weights, as a user counts them."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _sizes(teacher: fx.GraphModule, program: torch.export.ExportedProgram) -> dict[str, int | float]:
-    fp = state_bytes(dict(teacher.named_parameters())) + state_bytes(dict(teacher.named_buffers()))
-    compressed = state_bytes(program.state_dict) + state_bytes(program.constants)
-    return {"fp_bytes": fp, "compressed_bytes": compressed, "ratio": fp / max(compressed, 1)}
+def _sizes(teacher: torch.nn.Module, compressed: torch.nn.Module) -> dict[str, int | float]:
+    fp, packed = module_bytes(teacher), module_bytes(compressed)
+    return {"fp_bytes": fp, "compressed_bytes": packed, "ratio": fp / max(packed, 1)}

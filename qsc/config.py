@@ -17,13 +17,15 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .quant import check_bits
 
-# Linears inside the transformer blocks are quantized (attention q/k/v/o, cross-attention, FFN).
-# Kept in high precision: everything outside the blocks (patch/time/text embedders, final norm
-# and projection) and, inside blocks, the adaLN modulation linears (``norm*.linear``), which act
-# on the timestep embedding of a handful of tokens, cost nothing at run time and steer every
-# activation of the block.
+# Linears inside the transformer blocks get weights *and* activations quantized (attention
+# q/k/v/o, cross-attention, FFN). Excluded inside blocks: the adaLN modulation linears
+# (``norm*.linear``), which act on the timestep embedding of a handful of tokens, cost nothing at
+# run time and steer every activation of the block. Outside the blocks (patch/time/text
+# embedders) linears get weight-only quantization; the final projection stays float
+# (see qsc.schemes).
 DEFAULT_INCLUDE = (r"^(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.",)
 DEFAULT_EXCLUDE = (r"(^|\.)norm[^.]*\.",)
+DEFAULT_KEEP_FLOAT = (r"^proj_out\.",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class CompileConfig:
     smooth_alpha: float = 0.5  # migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)
     include: tuple[str, ...] = DEFAULT_INCLUDE  # regexes on layer paths: candidates
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on layer paths: removed from candidates
+    weight_only_bits: int = 8  # the other linears: int weights, float activations (0 = keep float)
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes: linears never quantized
     calib_samples: int = 16  # calibration samples used (the first N of the set)
     seed: int = 0
     backend: str = "reference"
@@ -45,6 +49,8 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, self.a_bits)
+        if self.weight_only_bits:
+            check_bits(self.weight_only_bits, 16)
         if self.group_size < 0:
             raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
         if not 0.0 < self.a_clip <= 1.0:

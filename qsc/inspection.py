@@ -10,11 +10,12 @@ from torch import fx
 
 from .artifact import PROGRAM, read_manifest
 from .calibration import CalibrationSet
-from .compiler import state_bytes
-from .config import resolve_config
+from .compiler import module_bytes
+from .config import CompileConfig, resolve_config
 from .frontend import DenoiserAdapter, cast_inputs, export_graph, load_model, model_dtype
-from .graph import quantizable_linears
+from .graph import linear_sites
 from .models import synthetic_calibration
+from .schemes import FLOAT_ACTIVATIONS, SchemePlan, layer_record
 
 Inspection = tuple[fx.GraphModule, dict[str, dict[str, Any]], dict[str, float]]
 
@@ -26,8 +27,6 @@ def inspect_artifact(path: Path) -> Inspection:
 
 
 def inspect_model(path: Path, *, preset: str | None = None, calib: str | None = None, **load_options: Any) -> Inspection:
-    from qsc.passes.quantize_linear import layer_plan
-
     cfg = resolve_config(preset)
     source = load_model(path, **load_options)
     if source.program is not None:
@@ -36,10 +35,24 @@ def inspect_model(path: Path, *, preset: str | None = None, calib: str | None = 
         adapter = DenoiserAdapter(source.module).eval()
         data = CalibrationSet.load(calib) if calib else synthetic_calibration(source.module, 1, cfg.seed)
         gm = export_graph(adapter, cast_inputs(data.sample(0), model_dtype(adapter)))
-    layers = {
-        site.layer: layer_plan(gm.get_parameter(site.weight_target), cfg, smoothed=cfg.smooth_quant)
-        for site in quantizable_linears(gm, cfg.include, cfg.exclude)
-    }
-    fp = state_bytes(dict(gm.named_parameters())) + state_bytes(dict(gm.named_buffers()))
-    compressed = fp - sum(l["bytes_fp"] for l in layers.values()) + sum(l["bytes_packed"] for l in layers.values())
-    return gm, layers, {"fp_bytes": fp, "compressed_bytes": compressed, "ratio": fp / max(compressed, 1)}
+    weights = {site.layer: gm.get_parameter(site.weight_target) for site in linear_sites(gm)}
+    return (gm, *plan_layers(weights, module_bytes(gm), cfg))
+
+
+def plan_layers(
+    weights: dict[str, torch.Tensor], total_bytes: int, cfg: CompileConfig
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """The layer records and sizes a compile with ``cfg`` would produce, without compiling.
+
+    ``weights`` maps layer paths to linear weights (real or on the meta device), ``total_bytes``
+    is the whole model's FP size.
+    """
+    plan = SchemePlan(cfg)
+    layers = {}
+    for layer, weight in weights.items():
+        scheme = plan.scheme(layer, weight.shape[1])
+        if scheme is not None:
+            smoothed = cfg.smooth_quant and scheme.a_bits != FLOAT_ACTIVATIONS
+            layers[layer] = layer_record(weight, scheme, smoothed=smoothed)
+    compressed = total_bytes - sum(r["bytes_fp"] - r["bytes_packed"] for r in layers.values())
+    return layers, {"fp_bytes": total_bytes, "compressed_bytes": compressed, "ratio": total_bytes / max(compressed, 1)}

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping
 from rich.table import Table
 from torch import fx
 
+from .schemes import LinearScheme
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -55,8 +57,7 @@ def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized
     for column in ("layer", "shape", "scheme", "bytes"):
         table.add_column(column, overflow="fold")
     for name, info in layers.items():
-        scheme = f"W{info['w_bits']}A{info['a_bits']}"
-        scheme += f" g{info['group_size']}" if info["group_size"] else ""
+        scheme = LinearScheme(info["w_bits"], info["a_bits"], info["group_size"]).label
         scheme += " +sq" if info.get("smoothed") else ""
         table.add_row(
             name,

@@ -33,14 +33,17 @@ def test_compile_save_load_run(model_and_data, preset, tmp_path):
     # Every linear inside the blocks (and outside the skip list) became one qsc op ...
     fp_graph = export_graph(DenoiserAdapter(model), calib.sample(0))
     all_linears = {s.layer for s in linear_sites(fp_graph)}
-    expected = {layer for layer in all_linears if LayerFilter(DEFAULT_INCLUDE, DEFAULT_EXCLUDE)(layer)}
-    assert expected and set(result.layers) == expected
+    in_blocks = {layer for layer in all_linears if LayerFilter(DEFAULT_INCLUDE, DEFAULT_EXCLUDE)(layer)}
+    assert in_blocks and set(result.layers) == all_linears - {"proj_out"}
+    w_bits, a_bits = int(preset[1]), int(preset[3])
+    for layer, info in result.layers.items():
+        expected = (w_bits, a_bits) if layer in in_blocks else (8, 16)  # embedders: int8 weight-only
+        assert (info["w_bits"], info["a_bits"]) == expected, layer
     compressed = result.program.graph_module
-    assert len(_ops(compressed, torch.ops.qsc.quant_linear.default)) == len(expected)
-    # ... and exactly the skip-listed linears (embedders, modulation, final layer) remain float.
+    assert len(_ops(compressed, torch.ops.qsc.quant_linear.default)) == len(all_linears) - 1
+    # ... and only the final projection remains a float linear.
     remaining = {layer_path(n.args[1].target) for n in _ops(result.module, torch.ops.aten.linear.default)}
-    assert remaining == all_linears - expected
-    assert "proj_out" in remaining and not any(".attn" in r and "blocks" in r and "refiner" not in r for r in remaining)
+    assert remaining == {"proj_out"}
 
     with torch.no_grad():
         fp_out = DenoiserAdapter(model)(**calib.sample(0))
@@ -70,3 +73,16 @@ def test_weights_are_packed_four_bit_in_the_artifact(tmp_path):
     assert qweight.dtype == torch.uint8 and qweight.shape == (n, k // 2)
     assert "model.blocks.0.attn1.to_q.weight" not in weights  # the float weight is gone
     assert weights["model.proj_out.weight"].dtype == torch.float32  # kept layers stay float
+
+
+def test_planning_without_compiling_matches_the_compiler():
+    """The storage benchmark plans on the meta device; its plan must equal what compile does."""
+    from qsc.compiler import module_bytes
+    from qsc.inspection import plan_layers
+
+    model = tiny_model("hunyuan")
+    result = qsc.compile(model, preset="w4a8", config={"calib_samples": 1, "group_size": 16, "check_numerics": False})
+    weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers, sizes = plan_layers(weights, module_bytes(model), result.config)
+    assert layers == result.layers
+    assert sizes["compressed_bytes"] == result.sizes["compressed_bytes"]
