@@ -96,9 +96,10 @@ def match_program_inputs(
     program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``inputs`` in the keyword order ``program`` was exported with (its guards check by position)."""
-    spec = program.call_spec.in_spec
-    names = list(spec.children_specs[1].context) if spec is not None else []
-    if spec is None or spec.children_specs[0].num_children or set(names) != set(inputs):
+    spec = program.call_spec.in_spec  # a TreeSpec of (args, kwargs)
+    args_spec, kwargs_spec = (spec.child(0), spec.child(1)) if spec is not None else (None, None)
+    names = list(kwargs_spec.context) if kwargs_spec is not None else []
+    if spec is None or args_spec.num_children or set(names) != set(inputs):
         raise InputError(
             f"the program takes keyword inputs {names}, the calibration data has {list(inputs)}"
         )
