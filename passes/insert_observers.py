@@ -2,10 +2,13 @@
 
 Like PT2E's ``prepare``: the observers are ordinary graph nodes (``call_module``) that pass their
 input through unchanged; they record only while enabled, which the ``calibrate`` pass does while it
-runs the calibration data. Weight statistics need no observer: weights are at hand.
+runs the calibration data. Weight statistics need no observer: the pass records them directly
+(analysis ``weight_stats``: per-output-channel and per-input-channel absolute maxima).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -41,19 +44,30 @@ class ActivationObserver(torch.nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class WeightStats:
+    out_channel_absmax: torch.Tensor  # [N]: the range each output channel's scale must cover
+    in_channel_absmax: torch.Tensor  # [K]: what SmoothQuant balances against the activations
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "WeightStats":
+        a = weight.detach().abs().float()
+        return cls(a.amax(dim=1), a.amax(dim=0))
+
+
 def observer_name(layer: str) -> str:
     return layer.replace(".", "_")
 
 
 class InsertObservers(Pass):
     name = "insert_observers"
-    produces = ("observers",)
+    produces = ("observers", "weight_stats")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
         root = torch.nn.Module()
         gm.add_submodule(OBSERVER_ROOT, root)
-        observers = {}
+        observers, weight_stats = {}, {}
         for site in quantizable_linears(gm, cfg.include, cfg.exclude):
             with at_node(site.node):
                 obs = ActivationObserver(site.layer)
@@ -64,5 +78,7 @@ class InsertObservers(Pass):
                     observed.meta = dict(x.meta)
                 site.node.replace_input_with(x, observed)
                 observers[site.layer] = obs
+                weight_stats[site.layer] = WeightStats.of(gm.get_parameter(site.weight_target))
         ctx.analyses["observers"] = observers
+        ctx.analyses["weight_stats"] = weight_stats
         return PassResult(finalize(gm), modified=bool(observers))

@@ -23,27 +23,28 @@ SMOOTH_META = "qsc_smooth"
 _S_RANGE = (1e-5, 1e5)  # channels that were all zero must not produce inf/0 factors
 
 
-def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    w_absmax = weight.detach().abs().float().amax(dim=0)
-    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.float().clamp_min(1e-5).pow(1 - alpha)
     return s.clamp(*_S_RANGE)
 
 
 class SmoothQuant(Pass):
     name = "smooth_quant"
-    requires = ("activation_stats",)
+    requires = ("activation_stats", "weight_stats")
     produces = ("smoothing",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
-        stats = ctx.analyses["activation_stats"]
+        stats, weight_stats = ctx.analyses["activation_stats"], ctx.analyses["weight_stats"]
         applied = {}
         for site in quantizable_linears(gm, cfg.include, cfg.exclude):
             with at_node(site.node):
                 weight = gm.get_parameter(site.weight_target)
                 if len(site.node.args[1].users) > 1:
                     continue  # a weight shared by several linears cannot take one layer's factors
-                s = smoothing_factors(stats[site.layer].channel_absmax, weight, cfg.smooth_alpha)
+                s = smoothing_factors(
+                    stats[site.layer].channel_absmax, weight_stats[site.layer].in_channel_absmax, cfg.smooth_alpha
+                )
                 # A new parameter, not an in-place update: the graph's weights may alias the
                 # user's model (and the FP teacher).
                 owner = gm.get_submodule(site.owner_target)
