@@ -29,7 +29,8 @@ class QuantizeLinear(Pass):
         plan = SchemePlan(ctx.config)
         clips = ctx.analyses.get("weight_clip", {})
         layers, replaced = {}, []
-        for site in linear_sites(gm):
+        sites = linear_sites(gm)
+        for site in ctx.progress(sites, "quantizing weights", total=len(sites)):
             weight = gm.get_parameter(site.weight_target).detach()
             scheme = plan.scheme(site.layer, weight.shape[1])
             if scheme is None:
