@@ -33,6 +33,11 @@ from .models import synthetic_calibration
 from .pipeline import PassContext, PassManager, Progress, no_progress
 
 
+# Sampler trajectories recorded for the bundled model when no calibration file is given: every step
+# of 4 calibration prompts, conditional and unconditional (160 forwards, ~15 s on a CPU core).
+BUNDLED_CALIBRATION_PROMPTS = 4
+
+
 @dataclass
 class CompileResult:
     module: torch.nn.Module  # the compressed program, runnable with the calibration inputs
@@ -154,6 +159,10 @@ def _calibration(calibration: Any, source: ModelSource, cfg: CompileConfig) -> C
         return CalibrationSet.load(calibration)
     if isinstance(calibration, CalibrationSet):
         return calibration.validate()
+    if source.description.get("kind") == "bundled":
+        from .refmodel import reference_calibration
+
+        return reference_calibration(num_prompts=BUNDLED_CALIBRATION_PROMPTS, seed=cfg.seed)
     if source.program is not None:
         example = source.program.example_inputs
         if example is None or example[0]:

@@ -46,8 +46,21 @@ def _fp_callable(source: ModelSource) -> torch.nn.Module:
 def _held_out(data: Any, source: ModelSource, samples: int, seed: int) -> CalibrationSet:
     if data is not None:
         return CalibrationSet.load(data)
+    if source.description.get("kind") == "bundled":
+        return _reference_model_held_out(source.module, samples)
     if source.module is None:
         from .errors import InputError
 
         raise InputError("evaluating against a .pt2 program needs held-out inputs: pass --data FILE")
     return synthetic_calibration(source.module, samples, seed)
+
+
+def _reference_model_held_out(model: torch.nn.Module, samples: int) -> CalibrationSet:
+    """Denoiser calls of the reference sampler on an evaluation prompt and seed (disjoint from the
+    calibration ones), evenly spread over the trajectory."""
+    from .refmodel import as_denoiser
+    from .refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
+    from .refmodel.recording import record_sampler
+
+    trajectory = record_sampler(as_denoiser(model), EVAL_PROMPTS[:1], [EVAL_SEED_BASE])
+    return trajectory.subset(torch.linspace(0, len(trajectory) - 1, samples).round().long().tolist())

@@ -69,19 +69,10 @@ def load_model(
 
 
 def bundled_model() -> ModelSource:
-    """The project's reference model; a small random Wan-class model stands in until it is trained."""
-    from diffusers import WanTransformer3DModel
+    """The project's reference model: a small Wan2.1-class video DiT trained by qsc (qsc.refmodel)."""
+    from .refmodel import load_reference_model
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**STAND_IN_CONFIG).eval()
-    return ModelSource({"kind": "bundled", "name": "stand-in-wan"}, module=model)
-
-
-# A Wan2.1-shaped transformer, scaled down to compile in seconds on a CPU.
-STAND_IN_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4,
-    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=2, rope_max_seq_len=64,
-)
+    return ModelSource({"kind": "bundled", "name": "qsc-reference-wan"}, module=load_reference_model())
 
 
 def _load_program(path: Path) -> ModelSource:

@@ -180,3 +180,15 @@ def test_same_seed_same_inputs_byte_identical_artifact(name, tmp_path):
     for out in (first, second):
         assert run("compile", path, "-p", "w4a8", "--seed", "7", "-o", out, *FAST).exit_code == 0
     assert _digest(first) == _digest(second)
+
+
+def test_bundled_reference_model_compiles_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("compile", "-p", "w4a8", *FAST)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "reference.qsc" / "manifest.json").read_text())
+    assert manifest["source"] == {"kind": "bundled", "name": "qsc-reference-wan"}
+    assert "blocks.3.ffn.net.2" in manifest["layers"]
+    evaluated = run("eval", "reference.qsc", "-n", "2", "--json", "eval.json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert all(row["cosine"] > 0.9 for row in json.loads(Path("eval.json").read_text())["rows"])
