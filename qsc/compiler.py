@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,7 +50,6 @@ class CompileResult:
     sizes: dict[str, int | float]
     metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         from .artifact import save_artifact

@@ -18,7 +18,7 @@ import inspect
 import json
 import pickle
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class ModelSource:
     description: dict[str, Any]  # how to load it again (kind, path, arch): goes in the manifest
     module: torch.nn.Module | None = None
     program: torch.export.ExportedProgram | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_model(
