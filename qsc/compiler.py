@@ -71,30 +71,15 @@ def compile(
     for the bundled reference model) with the pipeline of ``preset`` / ``config``.
 
     ``config`` is a full ``CompileConfig``, a mapping of overrides to the preset, or a TOML/YAML
-    file. ``calibration`` is a ``CalibrationSet`` or its file; without one, known architectures get
-    synthetic inputs. ``load_options`` go to ``load_model`` (``arch``, ``model_config``,
-    ``trust_pickle``).
+    file. ``calibration`` is a ``CalibrationSet`` or its file; without one, the bundled model is
+    calibrated on its sampler's trajectories and known architectures on synthetic inputs.
+    ``load_options`` go to ``load_model`` (``arch``, ``model_config``, ``trust_pickle``).
     """
     start = time.perf_counter()
     cfg = _resolve(preset, config)
     source = _as_source(model, load_options)
-    calib = _calibration(calibration, source, cfg)
-
-    inputs = calib.inputs
-    if source.program is not None:
-        teacher = source.program.module()
-        dtype = model_dtype(teacher)
-        inputs = match_program_inputs(source.program, inputs)
-    else:
-        adapter = DenoiserAdapter(source.module).eval()
-        dtype = model_dtype(adapter)
-    calib = CalibrationSet(cast_inputs(inputs, dtype), calib.outputs, calib.records)
+    teacher, calib, fp_out = _trace(source, _calibration(calibration, source, cfg))
     sample = calib.sample(0)
-    if source.program is None:
-        fp_out = check_inputs_fit(adapter, sample)
-        teacher = export_graph(adapter, sample)
-    else:
-        fp_out = check_inputs_fit(teacher, sample)
 
     ctx = PassContext(cfg, calib, teacher, progress=progress)
     instruments = [Timing()]
@@ -123,6 +108,20 @@ def compile(
         metrics=output_metrics(out, fp_out),
         seconds=time.perf_counter() - start,
     )
+
+
+def _trace(source: ModelSource, calib: CalibrationSet) -> tuple[fx.GraphModule, CalibrationSet, torch.Tensor]:
+    """The FP graph, the calibration set in the model's dtype and input order, and the FP output
+    of its first sample (running the model once first turns a shape mismatch into a clear error)."""
+    if source.program is not None:
+        teacher = source.program.module()
+        inputs = cast_inputs(match_program_inputs(source.program, calib.inputs), model_dtype(teacher))
+        calib = CalibrationSet(inputs, calib.outputs, calib.records)
+        return teacher, calib, check_inputs_fit(teacher, calib.sample(0))
+    adapter = DenoiserAdapter(source.module).eval()
+    calib = CalibrationSet(cast_inputs(calib.inputs, model_dtype(adapter)), calib.outputs, calib.records)
+    fp_out = check_inputs_fit(adapter, calib.sample(0))
+    return export_graph(adapter, calib.sample(0)), calib, fp_out
 
 
 def _working_copy(teacher: fx.GraphModule) -> fx.GraphModule:

@@ -1,10 +1,11 @@
 """Passes, the compile context they share, and the manager that runs them.
 
 A pass is a small object with a ``name``, the analyses it ``requires``, ``produces`` and
-``invalidates``, and ``run(gm, ctx) -> PassResult``. The manager checks before running anything that every required
-analysis is provided by the context or produced by an earlier pass, runs the passes in order,
-calls its instruments around each one, and turns any failure into a ``PassError`` that names the
-pass and, where the pass was rewriting a node, that node.
+``invalidates``, and ``run(gm, ctx) -> PassResult``. Before running anything, the manager checks
+that every required analysis is provided by the context or produced by an earlier pass (and not
+invalidated since); it then runs the passes in order, lints the graph after each, calls its
+instruments around each one, and turns any failure into a ``PassError`` that names the pass and,
+where the pass was rewriting a node, that node.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class PassContext:
     pass_log: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rng = torch.Generator().manual_seed(self.config.seed)
+        self.rng = torch.Generator().manual_seed(self.config.seed)  # for passes that sample
         self.analyses.setdefault("calibration", self.calibration)
 
     def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
