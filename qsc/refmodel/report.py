@@ -1,0 +1,66 @@
+"""Figures for docs/refmodel: the training loss curve and a GIF of generated vs real clips.
+
+    python -m qsc.refmodel.report --run runs/refmodel --out docs/refmodel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import render
+from .model import as_denoiser, load_reference_model
+from .prompts import EVAL_PROMPTS, EVAL_SEED_BASE
+from .sampler import sample
+from .video import side_by_side, write_video
+
+
+def loss_curve(log: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set_xlabel("step (batch 8)")
+    ax.set_ylabel("velocity MSE (mean over 25 steps)")
+    ax.set_yscale("log")
+    ax.set_title("reference model: rectified-flow training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def samples_gif(out: Path, prompts=EVAL_PROMPTS[::2], seed: int = EVAL_SEED_BASE) -> None:
+    """One row per prompt: a real clip, then the FP model's generation (evaluation seeds)."""
+    denoiser = as_denoiser(load_reference_model())
+    rows = []
+    for i, p in enumerate(prompts):
+        label = p.text.removeprefix("a ").replace("moving ", "")
+        rows.append(side_by_side([render(p, seed + i), sample(denoiser, p, seed + i)], ["real: " + label, "generated"]))
+    write_video(out, [np.concatenate(frames, axis=0) for frames in zip(*rows)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/refmodel")
+    p.add_argument("--out", default="docs/refmodel")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    run, out = Path(args.run), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "train_log.jsonl", out / "train_log.jsonl")
+    loss_curve(run / "train_log.jsonl", out / "loss.png")
+    samples_gif(out / "samples.gif")
+    print(f"wrote {out}/loss.png, {out}/samples.gif, {out}/train_log.jsonl")
+
+
+if __name__ == "__main__":
+    main()
