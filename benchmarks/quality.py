@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import qsc
+from qsc.fsutil import atomic_file
 from qsc.metrics import PSNR_CAP, frechet_distance, psnr, ssim
 from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
 from qsc.refmodel.data import render
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "compile_seconds": compile_seconds, "total_seconds": round(time.time() - started, 1)},
     }
     out = Path(args.out) / f"quality-{date}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
     print(f"wrote {out} in {time.time() - started:.0f} s")
     return report
