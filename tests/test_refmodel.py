@@ -99,6 +99,33 @@ def test_frechet_distance_of_known_gaussians():
     assert frechet_distance(a, 2 * a) == pytest.approx(8.0, rel=0.1)  # (2 - 1)^2 per unit variance
 
 
+# --- training ----------------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
+    from qsc.refmodel.train import learning_rate
+
+    lr = [learning_rate(step, peak=1.0, warmup=10, steps=100, cooldown=20) for step in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0
+    assert lr[10:80] == [1.0] * 70
+    assert lr[80:] == sorted(lr[80:], reverse=True) and lr[-1] == pytest.approx(1 / 20)
+
+
+def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from qsc.refmodel.train import main as train
+
+    # The warmup-stable-decay recipe: stop in the stable phase, resume with the cooldown scheduled.
+    common = ["--batch", "1", "--warmup", "1", "--save-every", "100", "--log-every", "1"]
+    train(["--out", str(tmp_path / "straight"), "--steps", "3", "--cooldown", "2", *common])
+    train(["--out", str(tmp_path / "resumed"), "--steps", "1", *common])
+    train(["--out", str(tmp_path / "resumed"), "--steps", "3", "--cooldown", "2", "--resume", *common])
+    for weights in ("model", "ema"):
+        straight = load_file(str(tmp_path / "straight" / "checkpoint" / f"{weights}.safetensors"))
+        resumed = load_file(str(tmp_path / "resumed" / "checkpoint" / f"{weights}.safetensors"))
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 # --- model, sampler, calibration --------------------------------------------------------------
 
 def test_missing_weights_give_a_clear_error(tmp_path):

@@ -72,8 +72,10 @@ class Checkpoint:
         return json.loads((self.dir / "state.json").read_text())["step"], ema
 
 
-def learning_rate(step: int, peak: float, warmup: int) -> float:
-    return peak * min(1.0, (step + 1) / warmup)
+def learning_rate(step: int, peak: float, warmup: int, steps: int, cooldown: int) -> float:
+    """Warmup, constant, then a linear cooldown to zero over the last ``cooldown`` steps (the
+    warmup-stable-decay schedule: a run can be extended from any pre-cooldown checkpoint)."""
+    return peak * min(1.0, (step + 1) / warmup, (steps - step) / max(cooldown, 1))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -92,7 +94,7 @@ def train(args: argparse.Namespace) -> None:
         batch = training_batch(args.batch, args.seed, step)
         target = batch.pop("target")
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.lr, args.warmup)
+            group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps, args.cooldown)
         pred = model(**batch, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--cooldown", type=int, default=0, help="decay the learning rate to 0 over the last N steps")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
