@@ -1,6 +1,10 @@
 """Figures for docs/refmodel: the training loss curve and a GIF of generated vs real clips.
 
-    python -m qsc.refmodel.report --run runs/refmodel --out docs/refmodel
+    python -m qsc.refmodel.report --run runs/refmodel --out docs/refmodel [--sampler-study]
+
+``--sampler-study`` also measures the FP model's prompt adherence over a grid of guidance scales and
+time shifts on calibration prompts and seeds (never the evaluation ones, so the sampler defaults are
+not tuned on the numbers the quality table reports) and writes ``sampler_study.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 
 from .data import render
 from .model import as_denoiser, load_reference_model
-from .prompts import EVAL_PROMPTS, EVAL_SEED_BASE
+from .judge import adherence, load_judge
+from .prompts import CALIBRATION_PROMPTS, CALIBRATION_SEED_BASE, EVAL_PROMPTS, EVAL_SEED_BASE
 from .sampler import sample
 from .video import side_by_side, write_video
 
@@ -48,10 +53,25 @@ def samples_gif(out: Path, prompts=EVAL_PROMPTS[::2], seed: int = EVAL_SEED_BASE
     write_video(out, [np.concatenate(frames, axis=0) for frames in zip(*rows)])
 
 
+def sampler_study(out: Path, guidances=(3.0, 4.0, 5.0, 7.0), shifts=(1.0, 3.0, 5.0), videos: int = 16) -> None:
+    """FP adherence for each (guidance, shift) on calibration prompts, seeds past the recorded ones."""
+    denoiser, judge = as_denoiser(load_reference_model()), load_judge()
+    prompts = CALIBRATION_PROMPTS[:: max(1, len(CALIBRATION_PROMPTS) // videos)][:videos]
+    seeds = [CALIBRATION_SEED_BASE + 500_000 + i for i in range(len(prompts))]
+    rows = []
+    for guidance in guidances:
+        for shift in shifts:
+            clips = torch.stack([sample(denoiser, p, s, guidance=guidance, shift=shift) for p, s in zip(prompts, seeds)])
+            rows.append({"guidance": guidance, "shift": shift, **adherence(judge, clips, list(prompts))})
+            print(json.dumps(rows[-1]), flush=True)
+    out.write_text(json.dumps({"prompts": [p.text for p in prompts], "seeds": seeds, "rows": rows}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/refmodel")
     p.add_argument("--out", default="docs/refmodel")
+    p.add_argument("--sampler-study", action="store_true", help="also write sampler_study.json (a few minutes)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     run, out = Path(args.run), Path(args.out)
@@ -60,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     loss_curve(run / "train_log.jsonl", out / "loss.png")
     samples_gif(out / "samples.gif")
     print(f"wrote {out}/loss.png, {out}/samples.gif, {out}/train_log.jsonl")
+    if args.sampler_study:
+        sampler_study(out / "sampler_study.json")
+        print(f"wrote {out}/sampler_study.json")
 
 
 if __name__ == "__main__":
