@@ -1,8 +1,8 @@
 """Pass ``calibrate``: run the calibration samples through the observed graph, then remove observers.
 
 Produces ``activation_stats``: for every observed layer, the per-input-channel absolute maximum and
-per-token maxima of its input over the calibration samples (PT2E's calibration + the observer
-removal of ``convert``).
+per-token maxima of its input over the calibration samples, and the observer's sample of input rows
+where it kept one (PT2E's calibration + the observer removal of ``convert``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class ActivationStats:
     channel_absmax: torch.Tensor  # [K]
     token_absmax_max: float
     token_absmax_mean: float
+    sample: torch.Tensor | None = None  # [<= SAMPLE_ROWS, K] input rows, where smooth_quant searches
 
 
 class Calibrate(Pass):
@@ -45,7 +46,7 @@ class Calibrate(Pass):
             if obs.channel_absmax is None:
                 raise CalibrationError(f"layer '{layer}' was never executed by the calibration samples")
             stats[layer] = ActivationStats(
-                obs.channel_absmax, obs.token_absmax_max, obs.token_absmax_sum / obs.tokens
+                obs.channel_absmax, obs.token_absmax_max, obs.token_absmax_sum / obs.tokens, obs.sample
             )
         ctx.analyses["activation_stats"] = stats
         return PassResult(finalize(_strip_observers(gm)), modified=True)

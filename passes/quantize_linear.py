@@ -5,7 +5,8 @@ activations, weight-only, or none). The weight is quantized by round-to-nearest 
 (per output channel or per group), optionally shrunk by a per-layer clipping ratio that an earlier
 pass learned (analysis ``weight_clip``), and stored packed (int4 two per byte, or int8). A
 SmoothQuant multiplier in front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is
-folded into the op's ``in_scale``. The original float weight leaves the graph.
+folded into the op's ``in_scale``, and its alpha recorded as the layer's ``smooth_alpha``. The
+original float weight leaves the graph.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class QuantizeLinear(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = SchemePlan(ctx.config)
         clips = ctx.analyses.get("weight_clip", {})
+        smoothing = ctx.analyses.get("smoothing", {})
         layers, replaced = {}, []
         sites = linear_sites(gm)
         for site in ctx.progress(sites, "quantizing weights", total=len(sites)):
@@ -39,15 +41,14 @@ class QuantizeLinear(Pass):
                 node = site.node
                 x, _, *rest = node.args
                 bias = rest[0] if rest else None
-                scale = quant.weight_scale(weight, scheme.w_bits, scheme.group_size, clips.get(site.layer, 1.0))
-                codes = quant.quantize_weight(weight, scale, scheme.w_bits, scheme.group_size)
+                packed, scale = quant.quantize_packed(weight, scheme.w_bits, scheme.group_size, clips.get(site.layer, 1.0))
 
                 in_scale = None
                 if isinstance(x, fx.Node) and x.meta.get(SMOOTH_META):
                     x, in_scale = x.args
 
                 owner = site.owner_target
-                qweight_t = register_buffer(gm, owner, "qweight", quant.pack_weight(codes, scheme.w_bits))
+                qweight_t = register_buffer(gm, owner, "qweight", packed)
                 scale_t = register_buffer(gm, owner, "w_scale", scale)
                 with gm.graph.inserting_before(node):
                     qop = gm.graph.call_function(
@@ -59,6 +60,8 @@ class QuantizeLinear(Pass):
                 node.replace_all_uses_with(qop)
                 gm.graph.erase_node(node)
                 layers[site.layer] = layer_record(weight, scheme, smoothed=in_scale is not None)
+                if site.layer in smoothing:  # the migration strength used (None: searched, none won)
+                    layers[site.layer]["smooth_alpha"] = smoothing[site.layer].alpha
                 replaced.append(site.weight_target)
         finalize(gm)  # drops the now-dead get_attr of each float weight and the smoothing muls
         for target in replaced:

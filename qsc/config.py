@@ -26,6 +26,7 @@ from .quant import check_bits
 DEFAULT_INCLUDE = (r"^(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.",)
 DEFAULT_EXCLUDE = (r"(^|\.)norm[^.]*\.",)
 DEFAULT_KEEP_FLOAT = (r"^proj_out\.",)
+AUTO_ALPHA = "auto"
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class CompileConfig:
     group_size: int = 0  # 0 = one scale per output channel
     a_clip: float = 1.0  # activation clipping ratio of the per-token max
     smooth_quant: bool = True
-    smooth_alpha: float = 0.5  # migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)
+    # Migration strength a of s_j = max|X_j|^a / max|W_j|^(1-a): a number in [0, 1] for every
+    # layer, or "auto": each layer searches a grid (and no migration) for its lowest output error.
+    smooth_alpha: float | str = AUTO_ALPHA
     include: tuple[str, ...] = DEFAULT_INCLUDE  # regexes on layer paths: candidates
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on layer paths: removed from candidates
     weight_only_bits: int = 8  # the other linears: int weights, float activations (0 = keep float)
@@ -55,8 +58,10 @@ class CompileConfig:
             raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
         if not 0.0 < self.a_clip <= 1.0:
             raise ConfigError(f"a_clip must be in (0, 1], got {self.a_clip}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        alpha = self.smooth_alpha
+        number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+        if alpha != AUTO_ALPHA and not (number and 0.0 <= alpha <= 1.0):
+            raise ConfigError(f"smooth_alpha must be {AUTO_ALPHA!r} or a number in [0, 1], got {alpha!r}")
         if self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if self.backend not in BACKENDS:
@@ -87,6 +92,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: unknown setting {key!r}; known settings: {', '.join(_FIELDS)}")
     default = _FIELDS[key].default
     try:
+        if key == "smooth_alpha":
+            return _alpha(value)  # the one field that is a number or a word
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
@@ -102,6 +109,14 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         raise ConfigError(
             f"{origin}: {key} = {value!r} is not a valid {type(default).__name__}"
         ) from None
+
+
+def _alpha(value: Any) -> Any:
+    """Text that spells a number (from ``--set``) becomes the number; ``CompileConfig`` checks the rest."""
+    try:
+        return float(value) if isinstance(value, str) and value != AUTO_ALPHA else value
+    except ValueError:
+        return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def inspect_model(path: Path, *, preset: str | None = None, calib: str | None = 
 def plan_layers(
     weights: dict[str, torch.Tensor], total_bytes: int, cfg: CompileConfig
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """The layer records and sizes a compile with ``cfg`` would produce, without compiling.
+    """The layer records and sizes a compile with ``cfg`` would produce, without compiling (all
+    but the ``smooth_alpha`` a compile records, which a search may pick from the data).
 
     ``weights`` maps layer paths to linear weights (real or on the meta device), ``total_bytes``
     is the whole model's FP size.

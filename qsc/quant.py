@@ -67,6 +67,14 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size:
     return q.reshape(w.shape).to(torch.int8)
 
 
+def quantize_packed(
+    w: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored form of ``w``: packed round-to-nearest codes and their scales."""
+    scale = weight_scale(w, bits, group_size, clip)
+    return pack_weight(quantize_weight(w, scale, bits, group_size), bits), scale
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """float32 weights from int8 codes ``[N, K]`` and their scales."""
     s = scale.float().reshape(q.shape[0], -1, 1)

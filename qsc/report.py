@@ -51,14 +51,15 @@ def pass_table(pass_log: Iterable[Mapping[str, Any]]) -> Table:
 
 
 def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized layers") -> Table:
-    """One row per layer. Scheme ``W4A8 g128 +sq``: int4 weights in groups of 128 input channels,
-    int8 per-token activations, SmoothQuant factors folded in (``A16``: activations stay float)."""
+    """One row per layer. Scheme ``W4A8 g128 +sq a=0.5``: int4 weights in groups of 128 input
+    channels, int8 per-token activations, SmoothQuant factors of migration strength 0.5 folded in
+    (``A16``: activations stay float)."""
     table = Table(title=title)
     for column in ("layer", "shape", "scheme", "bytes"):
         table.add_column(column, overflow="fold")
     for name, info in layers.items():
         scheme = LinearScheme(info["w_bits"], info["a_bits"], info["group_size"]).label
-        scheme += " +sq" if info.get("smoothed") else ""
+        scheme += _smoothing_label(info) if info.get("smoothed") else ""
         table.add_row(
             name,
             "x".join(map(str, info["shape"])),
@@ -66,6 +67,14 @@ def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized
             f"{human_bytes(info['bytes_fp'])} -> {human_bytes(info['bytes_packed'])}",
         )
     return table
+
+
+def _smoothing_label(info: Mapping[str, Any]) -> str:
+    """``+sq`` (planned), ``+sq a=0.35`` (compiled), ``+sq off`` (the search kept s = 1)."""
+    if "smooth_alpha" not in info:
+        return " +sq"
+    alpha = info["smooth_alpha"]
+    return " +sq off" if alpha is None else f" +sq a={alpha:g}"
 
 
 def operator_table(gm: fx.GraphModule) -> Table:

@@ -28,6 +28,8 @@ def test_file_then_overrides(tmp_path):
     (["a_bits=7"], "activation bit width 7"),
     (["group_size=-1"], "group_size"),
     (["smooth_quant=maybe"], "smooth_quant"),
+    (["smooth_alpha=1.5"], "smooth_alpha must be 'auto' or a number in \\[0, 1\\], got 1.5"),
+    (["smooth_alpha=often"], "smooth_alpha .* got 'often'"),
     (["calib_samples=many"], "calib_samples"),
     (["bits=4"], "unknown setting 'bits'"),
     (["backend=cuda"], "unknown backend"),
@@ -36,6 +38,14 @@ def test_file_then_overrides(tmp_path):
 def test_bad_values_are_named(pairs, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config("w8a8", overrides=parse_overrides(pairs))
+
+
+def test_smooth_alpha_is_a_number_or_auto():
+    assert resolve_config("w4a8").smooth_alpha == "auto"
+    assert resolve_config("w4a8", overrides=parse_overrides(["smooth_alpha=0.35"])).smooth_alpha == 0.35
+    for bad in (True, None, -0.1):
+        with pytest.raises(ConfigError, match="smooth_alpha"):
+            resolve_config("w4a8", overrides={"smooth_alpha": bad})
 
 
 def test_bad_files(tmp_path):

@@ -1,0 +1,112 @@
+"""SmoothQuant's per-layer alpha search: never worse than no smoothing, finds outliers, deterministic."""
+
+import pytest
+import torch
+
+import qsc
+from qsc.frontend import DenoiserAdapter, export_graph
+from qsc.models import synthetic_calibration
+from qsc.passes import REGISTRY
+from qsc.passes.insert_observers import SAMPLE_ROWS, ActivationObserver
+from qsc.passes.smooth_quant import ALPHA_GRID, lowered_output, smoothing_factors
+from qsc.schemes import SchemePlan
+
+from tiny_models import tiny_model
+
+OUTLIER_LAYER, OUTLIER_CHANNEL = "blocks.0.ffn.net.2", 5
+
+
+def with_outlier_channel(model: torch.nn.Module) -> torch.nn.Module:
+    """One hidden FFN channel 40x larger than the rest: the input of ``OUTLIER_LAYER`` gets an
+    activation outlier channel, as real video DiTs have."""
+    proj = model.blocks[0].ffn.net[0].proj
+    with torch.no_grad():
+        proj.weight[OUTLIER_CHANNEL] *= 40
+        proj.bias[OUTLIER_CHANNEL] = proj.bias[OUTLIER_CHANNEL].abs() * 40
+    return model
+
+
+def smooth(model, preset="w4a8", **overrides):
+    """Run the pipeline up to ``smooth_quant``; returns its context and the FP graph."""
+    calib = synthetic_calibration(model, 2, seed=0)
+    teacher = export_graph(DenoiserAdapter(model), calib.sample(0))
+    cfg = qsc.resolve_config(preset, overrides={"calib_samples": 2, **overrides})
+    ctx = qsc.PassContext(cfg, calib, teacher=teacher)
+    passes = [REGISTRY[n]() for n in ("insert_observers", "calibrate", "smooth_quant")]
+    qsc.PassManager(passes).run(export_graph(DenoiserAdapter(model), calib.sample(0)), ctx)
+    return ctx, teacher
+
+
+def sample_error(ctx, teacher, layer, factors):
+    """Output MSE on the layer's calibration sample, lowered with smoothing ``factors``."""
+    weight = teacher.get_parameter(f"model.{layer}.weight").detach()
+    x = ctx.analyses["activation_stats"][layer].sample
+    scheme = SchemePlan(ctx.config).scheme(layer, weight.shape[1])
+    target = torch.nn.functional.linear(x.float(), weight.float())
+    return float((lowered_output(x, weight, factors, scheme, 1.0).float() - target).square().mean())
+
+
+@pytest.fixture(scope="module")
+def outlier_run():
+    return smooth(with_outlier_channel(tiny_model("wan")))
+
+
+def test_search_is_never_worse_than_no_smoothing(outlier_run):
+    ctx, teacher = outlier_run
+    smoothing = ctx.analyses["smoothing"]
+    assert smoothing
+    for layer, choice in smoothing.items():
+        no_smoothing = sample_error(ctx, teacher, layer, torch.ones_like(choice.factors))
+        assert sample_error(ctx, teacher, layer, choice.factors) <= no_smoothing
+        assert choice.alpha is None or choice.alpha in ALPHA_GRID
+
+
+def test_outlier_channel_is_migrated_and_beats_round_to_nearest(outlier_run):
+    ctx, teacher = outlier_run
+    choice = ctx.analyses["smoothing"][OUTLIER_LAYER]
+    assert choice.alpha is not None and choice.alpha > 0
+    rtn = sample_error(ctx, teacher, OUTLIER_LAYER, torch.ones_like(choice.factors))
+    assert sample_error(ctx, teacher, OUTLIER_LAYER, choice.factors) < 0.9 * rtn
+
+
+def test_same_seed_same_alphas_and_artifact_weights():
+    def compiled():
+        result = qsc.compile(tiny_model("wan"), preset="w4a8", config={"calib_samples": 2, "check_numerics": False})
+        return {k: v.get("smooth_alpha") for k, v in result.layers.items()}, result.module.state_dict()
+
+    (alphas, weights), (alphas_again, weights_again) = compiled(), compiled()
+    assert alphas == alphas_again and any(a is not None for a in alphas.values())
+    assert weights.keys() == weights_again.keys()
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+
+
+def test_fixed_alpha_smooths_every_layer_with_it_and_samples_nothing():
+    ctx, _ = smooth(tiny_model("wan"), smooth_alpha=0.5)
+    stats, weight_stats = ctx.analyses["activation_stats"], ctx.analyses["weight_stats"]
+    for layer, choice in ctx.analyses["smoothing"].items():
+        expected = smoothing_factors(stats[layer].channel_absmax, weight_stats[layer].in_channel_absmax, 0.5)
+        assert choice.alpha == 0.5 and torch.equal(choice.factors, expected)
+    assert all(s.sample is None for s in stats.values())  # no search, no memory spent on rows
+
+
+def test_float_activations_are_not_smoothed():
+    ctx, _ = smooth(tiny_model("wan"), preset="w8a16", smooth_quant=True)
+    assert ctx.analyses["smoothing"] == {}
+    assert all(s.sample is None for s in ctx.analyses["activation_stats"].values())
+
+
+def test_observer_sample_is_bounded_and_fixed_by_the_seed():
+    batches = [torch.randn(2, 300, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def observed(seed):
+        obs = ActivationObserver("layer", seed)
+        obs.enabled = True
+        for x in batches:
+            obs(x)
+        return obs.sample
+
+    rows = torch.cat([x.reshape(-1, 8) for x in batches])
+    sample = observed(0)
+    assert sample.shape == (SAMPLE_ROWS, 8)
+    assert (sample[:, None] == rows[None]).all(-1).any(-1).all()  # every kept row is an input row
+    assert torch.equal(sample, observed(0)) and not torch.equal(sample, observed(1))
