@@ -111,13 +111,14 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
 
 
 def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
+    """Also with batches rendered by a DataLoader worker: a batch is a function of its step alone."""
     from safetensors.torch import load_file
 
     from qsc.refmodel.train import main as train
 
     # The warmup-stable-decay recipe: stop in the stable phase, resume with the cooldown scheduled.
     common = ["--batch", "1", "--warmup", "1", "--save-every", "100", "--log-every", "1"]
-    train(["--out", str(tmp_path / "straight"), "--steps", "3", "--cooldown", "2", *common])
+    train(["--out", str(tmp_path / "straight"), "--steps", "3", "--cooldown", "2", "--workers", "1", *common])
     train(["--out", str(tmp_path / "resumed"), "--steps", "1", *common])
     train(["--out", str(tmp_path / "resumed"), "--steps", "3", "--cooldown", "2", "--resume", *common])
     for weights in ("model", "ema"):

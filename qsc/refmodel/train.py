@@ -1,6 +1,7 @@
 """Train the reference model with the rectified-flow objective Wan uses.
 
     python -m qsc.refmodel.train --out runs/refmodel --steps 6000 [--minutes 75] [--resume]
+    python -m qsc.refmodel.train --out runs/refmodel --device cuda --workers 8 ...   # on a GPU
     python -m qsc.refmodel.train --out runs/refmodel --export   # ship the EMA weights
 
 A clip ``x0`` in [-1, 1] and noise ``eps`` are mixed as ``x_t = (1 - t) x0 + t eps``; the model sees
@@ -49,6 +50,28 @@ def training_batch(batch_size: int, seed: int, step: int) -> dict[str, torch.Ten
     }
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is that step's batch, so DataLoader workers can render ahead of the GPU."""
+
+    def __init__(self, batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return training_batch(self.batch_size, self.seed, step)
+
+
+def _batches(args: argparse.Namespace, first_step: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _StepBatches(args.batch, args.seed), batch_size=None, sampler=range(first_step, args.steps),
+        num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+        worker_init_fn=_one_thread_per_worker,
+    )
+
+
+def _one_thread_per_worker(_: int) -> None:
+    torch.set_num_threads(1)
+
+
 class Checkpoint:
     """``model``, ``ema`` (safetensors), ``optimizer.pt`` and ``state.json`` in one directory."""
 
@@ -60,15 +83,15 @@ class Checkpoint:
 
     def save(self, step: int, model, ema: dict, optimizer) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self.dir / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(self.dir / "ema.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(self.dir / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(self.dir / "ema.safetensors"))
         torch.save(optimizer.state_dict(), self.dir / "optimizer.pt")
         (self.dir / "state.json").write_text(json.dumps({"step": step}))
 
-    def load(self, model, optimizer) -> tuple[int, dict]:
+    def load(self, model, optimizer, device: torch.device) -> tuple[int, dict]:
         model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
-        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
-        ema = load_file(str(self.dir / "ema.safetensors"))
+        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True, map_location=device))
+        ema = load_file(str(self.dir / "ema.safetensors"), device=str(device))
         return json.loads((self.dir / "state.json").read_text())["step"], ema
 
 
@@ -80,18 +103,22 @@ def learning_rate(step: int, peak: float, warmup: int, steps: int, cooldown: int
 
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = torch.device(args.device)
     out = Path(args.out)
     ckpt = Checkpoint(out / "checkpoint")
-    model = build_model(args.seed).train()
+    model = build_model(args.seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, ema = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.resume and ckpt.exists():
-        step, ema = ckpt.load(model, optimizer)
+        step, ema = ckpt.load(model, optimizer, device)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train_log.jsonl").open("a")
     started, losses = time.time(), []
-    while step < args.steps and (args.minutes is None or time.time() - started < 60 * args.minutes):
-        batch = training_batch(args.batch, args.seed, step)
+    for batch in _batches(args, first_step=step):
+        if args.minutes is not None and time.time() - started >= 60 * args.minutes:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         target = batch.pop("target")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps, args.cooldown)
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="e.g. cuda: the run is the same recipe, only faster")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering batches ahead")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true")
