@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fsutil import atomic_file
 from .data import render
-from .model import as_denoiser, load_reference_model
 from .judge import adherence, load_judge
+from .model import as_denoiser, load_reference_model
 from .prompts import CALIBRATION_PROMPTS, CALIBRATION_SEED_BASE, EVAL_PROMPTS, EVAL_SEED_BASE
 from .sampler import sample
 from .video import side_by_side, write_video
@@ -64,7 +65,8 @@ def sampler_study(out: Path, guidances=(3.0, 4.0, 5.0, 7.0), shifts=(1.0, 3.0, 5
             clips = torch.stack([sample(denoiser, p, s, guidance=guidance, shift=shift) for p, s in zip(prompts, seeds)])
             rows.append({"guidance": guidance, "shift": shift, **adherence(judge, clips, list(prompts))})
             print(json.dumps(rows[-1]), flush=True)
-    out.write_text(json.dumps({"prompts": [p.text for p in prompts], "seeds": seeds, "rows": rows}, indent=1))
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps({"prompts": [p.text for p in prompts], "seeds": seeds, "rows": rows}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:

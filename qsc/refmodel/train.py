@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fsutil import atomic_directory, atomic_file
 from .data import random_batch
 from .model import WEIGHTS, build_model
 from .prompts import embed
@@ -82,11 +83,13 @@ class Checkpoint:
         return (self.dir / "state.json").is_file()
 
     def save(self, step: int, model, ema: dict, optimizer) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(self.dir / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(self.dir / "ema.safetensors"))
-        torch.save(optimizer.state_dict(), self.dir / "optimizer.pt")
-        (self.dir / "state.json").write_text(json.dumps({"step": step}))
+        # All four files replace the old ones together: a run stopped mid-save resumes from the
+        # previous checkpoint, never from weights of one step and optimizer state of another.
+        with atomic_directory(self.dir, overwrite=True) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
 
     def load(self, model, optimizer, device: torch.device) -> tuple[int, dict]:
         model.load_state_dict(load_file(str(self.dir / "model.safetensors")))
@@ -150,8 +153,8 @@ def train(args: argparse.Namespace) -> None:
 
 def export(out: str) -> None:
     """Copy the EMA weights of the run's last checkpoint into the package."""
-    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(out) / "checkpoint" / "ema.safetensors", WEIGHTS)
+    with atomic_file(WEIGHTS) as tmp:
+        shutil.copyfile(Path(out) / "checkpoint" / "ema.safetensors", tmp)
     print(f"wrote {WEIGHTS}")
 
 
