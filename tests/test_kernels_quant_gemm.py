@@ -1,5 +1,5 @@
-"""The activation-quantization and low-bit GEMM kernels against their references, on Triton's CPU
-interpreter (TRITON_INTERPRET=1, set in conftest.py) at small shapes with ragged edges."""
+"""The activation-quantization and low-bit GEMM kernels against their references at small shapes
+with ragged edges: on Triton's CPU interpreter, or compiled on a GPU (tests/devices.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from devices import DEVICE, HALF_DTYPES, gen, rand, randn
 
 pytest.importorskip("triton")
 
@@ -16,25 +18,21 @@ from qsc.backends import triton as triton_backend  # noqa: E402
 from qsc.kernels import act_quant, quant_gemm  # noqa: E402
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _quantized_layer(n: int, k: int, w_bits: int, group_size: int, seed: int):
-    g = _gen(seed)
+    g = gen(seed)
     w = torch.randn(n, k, generator=g)
     scale = quant.weight_scale(w, w_bits, group_size)
     qweight = quant.pack_weight(quant.quantize_weight(w, scale, w_bits, group_size), w_bits)
     bias = torch.randn(n, generator=g)
     in_scale = torch.rand(k, generator=g) + 0.5
-    return qweight, scale, bias, in_scale
+    return qweight.to(DEVICE), scale.to(DEVICE), bias.to(DEVICE), in_scale.to(DEVICE)
 
 
 def _assert_close_to_reference(y: torch.Tensor, ref: torch.Tensor) -> None:
     # The kernel accumulates integer products exactly and scales once; the reference multiplies
     # dequantized float32 values. They differ by float32 rounding, or by one rounding of the output
     # dtype. A wrong nibble order, scale index or rounding mode is off by far more.
-    tol = 1e-5 if ref.dtype == torch.float32 else 2e-3
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[ref.dtype]
     amax = ref.float().abs().max().item()
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * amax)
 
@@ -43,13 +41,13 @@ def _assert_close_to_reference(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])
 @pytest.mark.parametrize("with_in_scale", [False, True])
 @pytest.mark.parametrize("m,k", [(1, 7), (5, 300), (3, 2500)])  # 2500 > one 2048-wide chunk
 def test_act_quant_is_bit_exact(bits, dtype, with_in_scale, m, k):
-    g = _gen(m * k + bits)
-    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
-    in_scale = torch.rand(k, generator=g) + 0.5 if with_in_scale else None
+    g = gen(m * k + bits)
+    x = (randn(m, k, seed=g) * 3).to(dtype)
+    in_scale = rand(k, seed=g) + 0.5 if with_in_scale else None
     q, scale = act_quant.quantize_per_token(x, in_scale, bits, 0.9)
     xf = x.float() * in_scale if with_in_scale else x.float()
     q_ref, scale_ref = quant.quantize_per_token(xf, bits, 0.9)
@@ -59,7 +57,7 @@ def test_act_quant_is_bit_exact(bits, dtype, with_in_scale, m, k):
 
 def test_act_quant_rounds_half_to_even_and_handles_zero_rows():
     # max|x| = 127 and clip 1 give scale 1 for A8: x / scale is exactly the .5 ties below.
-    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, -126.5, 3.5], [0.0] * 8])
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, -126.5, 3.5], [0.0] * 8], device=DEVICE)
     q, scale = act_quant.quantize_per_token(x, None, 8, 1.0)
     assert q[0].tolist() == [127, 0, 2, 2, 0, -2, -126, 4]
     assert q[1].tolist() == [0] * 8 and scale[1].item() > 0
@@ -71,7 +69,7 @@ def test_act_quant_rounds_half_to_even_and_handles_zero_rows():
     clip=st.floats(0.3, 1.0), seed=st.integers(0, 2**16),
 )
 def test_act_quant_property(m, k, bits, clip, seed):
-    x = torch.randn(m, k, generator=_gen(seed)) * 10
+    x = randn(m, k, seed=seed) * 10
     q, scale = act_quant.quantize_per_token(x, None, bits, clip)
     q_ref, scale_ref = quant.quantize_per_token(x, bits, clip)
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref.squeeze(-1))
@@ -86,21 +84,22 @@ def test_act_quant_property(m, k, bits, clip, seed):
 def test_quant_linear_matches_reference(w_bits, a_bits, group_size):
     m, k, n = 70, 160, 72  # ragged against every tile size (K: 2.5 tiles of 64, 5 groups of 32)
     qweight, scale, bias, in_scale = _quantized_layer(n, k, w_bits, group_size, seed=w_bits * 100 + a_bits + group_size)
-    x = torch.randn(m, k, generator=_gen(a_bits)) * 2
+    x = randn(m, k, seed=a_bits) * 2
     y = triton_backend.quant_linear(x, qweight, scale, bias, in_scale, w_bits, a_bits, group_size, k, 0.95)
     ref = reference.quant_linear(x, qweight, scale, bias, in_scale, w_bits, a_bits, group_size, k, 0.95)
     _assert_close_to_reference(y, ref)
 
 
 @pytest.mark.parametrize("a_bits", [8, 16])
-def test_quant_linear_half_precision_batched_input(a_bits):
-    # fp16 activations of shape [B, L, K], no bias, per-group W4, odd token count.
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_quant_linear_half_precision_batched_input(a_bits, dtype):
+    # Half-precision activations of shape [B, L, K], no bias, per-group W4, odd token count.
     k, n = 128, 48
     qweight, scale, _, in_scale = _quantized_layer(n, k, 4, 64, seed=7)
-    x = torch.randn(2, 37, k, generator=_gen(8)).half()
+    x = randn(2, 37, k, seed=8).to(dtype)
     y = triton_backend.quant_linear(x, qweight, scale, None, in_scale, 4, a_bits, 64, k, 1.0)
     ref = reference.quant_linear(x, qweight, scale, None, in_scale, 4, a_bits, 64, k, 1.0)
-    assert y.shape == (2, 37, n) and y.dtype == torch.float16
+    assert y.shape == (2, 37, n) and y.dtype == dtype
     _assert_close_to_reference(y, ref)
 
 
@@ -110,7 +109,7 @@ def test_int4_with_odd_k(a_bits):
     m, k, n = 9, 97, 40
     qweight, scale, bias, _ = _quantized_layer(n, k, 4, 0, seed=3)
     assert qweight.shape == (n, 49)
-    x = torch.randn(m, k, generator=_gen(4))
+    x = randn(m, k, seed=4)
     y = triton_backend.quant_linear(x, qweight, scale, bias, None, 4, a_bits, 0, k, 1.0)
     ref = reference.quant_linear(x, qweight, scale, bias, None, 4, a_bits, 0, k, 1.0)
     _assert_close_to_reference(y, ref)
@@ -122,7 +121,7 @@ def test_small_tiles_cover_many_programs(w_bits, a_bits, group_size):
     config = quant_gemm._config(32, 32, 32, stages=2, warps=4)
     m, k, n = 100, 192, 110
     qweight, scale, bias, in_scale = _quantized_layer(n, k, w_bits, group_size, seed=11)
-    x = torch.randn(m, k, generator=_gen(12))
+    x = randn(m, k, seed=12)
     a, a_scale = x, None
     if a_bits < 16:
         a, a_scale = act_quant.quantize_per_token(x, in_scale, a_bits, 1.0)
@@ -134,7 +133,7 @@ def test_small_tiles_cover_many_programs(w_bits, a_bits, group_size):
 def test_unsupported_group_size_falls_back_to_reference():
     k, n = 96, 16
     qweight, scale, bias, _ = _quantized_layer(n, k, 8, 48, seed=5)
-    x = torch.randn(4, k, generator=_gen(6))
+    x = randn(4, k, seed=6)
     y = triton_backend.quant_linear(x, qweight, scale, bias, None, 8, 8, 48, k, 1.0)
     assert torch.equal(y, reference.quant_linear(x, qweight, scale, bias, None, 8, 8, 48, k, 1.0))
 

@@ -1,10 +1,12 @@
-"""The block-sparse attention kernel against ``qsc.backends.reference.sparse_attention``, on
-Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py) at small, ragged shapes."""
+"""The block-sparse attention kernel against ``qsc.backends.reference.sparse_attention`` at small,
+ragged shapes: on Triton's CPU interpreter, or compiled on a GPU (tests/devices.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from devices import DEVICE, HALF_DTYPES, gen, rand, randn
 
 pytest.importorskip("triton")
 
@@ -15,37 +17,34 @@ from qsc.errors import InputError  # noqa: E402
 from qsc.kernels import sparse_attention as kernel  # noqa: E402
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _qkv(b, h, lq, lk, d, dtype, seed):
-    g = _gen(seed)
-    return [torch.randn(b, h, n, d, generator=g).to(dtype) for n in (lq, lk, lk)]
+    g = gen(seed)
+    return [randn(b, h, n, d, seed=g).to(dtype) for n in (lq, lk, lk)]
 
 
 def _layout(shape, density, seed, empty_row=True):
     """Random bool layout of the given density; with ``empty_row``, query tile 1 of head 0 keeps nothing."""
-    layout = torch.rand(shape, generator=_gen(seed)) < density
+    layout = rand(*shape, seed=seed) < density
     if empty_row:
         layout[..., 0, 1, :] = False
     return layout
 
 
 def _assert_close(out, ref):
-    # fp16: the kernel rounds the probabilities to fp16 for the P.V product, the reference does not.
-    tol = 1e-5 if ref.dtype == torch.float32 else 3e-3
+    # Half precision: the kernel rounds the probabilities to it for the P.V product, the reference
+    # does not.
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[ref.dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.15, 0.4, 1.0])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_matches_reference(density, dtype, with_residual):
     b, h, lq, lk, d = 1, 2, 300, 200, 32  # 3 query tiles (the last ragged) x 4 key tiles (ragged)
     q, k, v = _qkv(b, h, lq, lk, d, dtype, seed=int(density * 100))
     layout = _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=1)
-    residual = torch.randn(b, h, lq, d, generator=_gen(2)).to(dtype) if with_residual else None
+    residual = randn(b, h, lq, d, seed=2).to(dtype) if with_residual else None
     out = triton_backend.sparse_attention(q, k, v, layout, residual, None)
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None))
 
@@ -54,7 +53,7 @@ def test_empty_rows_give_the_residual_or_zero():
     b, h, lq, lk, d = 1, 2, 256, 128, 16
     q, k, v = _qkv(b, h, lq, lk, d, torch.float32, seed=3)
     layout = _layout((h, *reference.block_layout_shape(lq, lk)), 0.5, seed=4)
-    residual = torch.randn(b, h, lq, d, generator=_gen(5))
+    residual = randn(b, h, lq, d, seed=5)
     rows = slice(reference.SPARSE_BLOCK_M, 2 * reference.SPARSE_BLOCK_M)  # query tile 1 of head 0
     with_residual = triton_backend.sparse_attention(q, k, v, layout, residual, None)
     without = triton_backend.sparse_attention(q, k, v, layout, None, None)
@@ -68,7 +67,7 @@ def test_dense_mode_is_attention():
     q, k, v = _qkv(b, h, lq, lk, d, torch.float32, seed=6)
     scale = 0.3
     dense = triton_backend.sparse_attention(q, k, v, None, None, scale)
-    all_kept = torch.ones(h, *reference.block_layout_shape(lq, lk), dtype=torch.bool)
+    all_kept = torch.ones(h, *reference.block_layout_shape(lq, lk), dtype=torch.bool, device=DEVICE)
     _assert_close(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
     _assert_close(triton_backend.sparse_attention(q, k, v, all_kept, None, scale), dense)
 
@@ -78,10 +77,10 @@ def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m):
     # q/k/v as transposed views of [B, L, H, D] (what a model's reshape gives), D = 24 padded to 32,
     # one layout per batch element, both query tile sizes the configs use.
     b, h, lq, lk, d = 2, 3, 260, 130, 24
-    g = _gen(7)
-    q, k, v = (torch.randn(b, n, h, d, generator=g).half().transpose(1, 2) for n in (lq, lk, lk))
+    g = gen(7)
+    q, k, v = (randn(b, n, h, d, seed=g).half().transpose(1, 2) for n in (lq, lk, lk))
     layout = _layout((b, h, *reference.block_layout_shape(lq, lk)), 0.5, seed=8)
-    residual = torch.randn(b, h, lq, d, generator=g).half()
+    residual = randn(b, h, lq, d, seed=g).half()
     out = kernel.sparse_attention(
         q, k, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N,
         config=kernel._config(block_m, stages=2, warps=4),
@@ -90,7 +89,9 @@ def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m):
 
 
 def test_layout_to_indices():
-    layout = torch.tensor([[[False, True, False, True], [False, False, False, False], [True, True, True, True]]])
+    layout = torch.tensor(
+        [[[False, True, False, True], [False, False, False, False], [True, True, True, True]]], device=DEVICE
+    )
     idx, counts = kernel.layout_to_indices(layout)
     assert counts.tolist() == [[2, 0, 4]]
     assert idx[0, 0, :2].tolist() == [1, 3] and idx[0, 2].tolist() == [0, 1, 2, 3]
@@ -107,6 +108,7 @@ def test_layout_to_indices():
 )
 def test_layout_shape_and_dtype_are_checked(bad):
     q, k, v = _qkv(1, 2, 300, 200, 16, torch.float32, seed=9)  # expects bool [2, 3, 4] or [1, 2, 3, 4]
+    bad = bad.to(DEVICE)
     with pytest.raises(InputError, match="layout"):
         triton_backend.sparse_attention(q, k, v, bad, None, None)
     with pytest.raises(InputError, match="layout"):
@@ -133,7 +135,7 @@ def test_int8_qk_matches_reference(density):
     b, h, lq, lk, d = 1, 2, 300, 200, 32
     q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=12)
     layout = None if density is None else _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=13)
-    residual = torch.randn(b, h, lq, d, generator=_gen(14)).half()
+    residual = randn(b, h, lq, d, seed=14).half()
     out = triton_backend.sparse_attention(q, k, v, layout, residual, None, True)
     assert out.dtype == torch.float16
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, True))

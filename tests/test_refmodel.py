@@ -127,6 +127,20 @@ def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
         assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+
+def test_a_new_stage_starts_from_the_given_weights(tmp_path):
+    """``--init``: the shipped weights, not a fresh initialisation, are what a new stage trains on."""
+    from safetensors.torch import load_file
+
+    from qsc.refmodel.model import WEIGHTS
+    from qsc.refmodel.train import main as train
+
+    train(["--out", str(tmp_path), "--init", str(WEIGHTS), "--lr", "0", "--steps", "1", "--batch", "1"])
+    shipped = load_file(str(WEIGHTS))
+    for weights in ("model", "ema"):
+        trained = load_file(str(tmp_path / "checkpoint" / f"{weights}.safetensors"))
+        assert all(torch.equal(shipped[k], trained[k]) for k in shipped)
+
 # --- model, sampler, calibration --------------------------------------------------------------
 
 def test_missing_weights_give_a_clear_error(tmp_path):

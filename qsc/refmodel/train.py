@@ -2,6 +2,7 @@
 
     python -m qsc.refmodel.train --out runs/refmodel --steps 6000 [--minutes 75] [--resume]
     python -m qsc.refmodel.train --out runs/refmodel --device cuda --workers 8 ...   # on a GPU
+    python -m qsc.refmodel.train --out runs/stage2 --init qsc/assets/refmodel.safetensors --seed 1 ...
     python -m qsc.refmodel.train --out runs/refmodel --export   # ship the EMA weights
 
 A clip ``x0`` in [-1, 1] and noise ``eps`` are mixed as ``x_t = (1 - t) x0 + t eps``; the model sees
@@ -112,6 +113,8 @@ def train(args: argparse.Namespace) -> None:
     ckpt = Checkpoint(out / "checkpoint")
     model = build_model(args.seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.init is not None:  # a new stage: these weights, a fresh optimizer and schedule
+        model.load_state_dict(load_file(args.init, device=str(device)))
     step, ema = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.resume and ckpt.exists():
         step, ema = ckpt.load(model, optimizer, device)
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start from these weights (e.g. qsc/assets/refmodel.safetensors) with a fresh optimizer")
     p.add_argument("--export", action="store_true", help="only copy the EMA weights into qsc/assets")
     args = p.parse_args(argv)
     export(args.out) if args.export else train(args)
