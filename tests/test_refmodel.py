@@ -141,6 +141,20 @@ def test_a_new_stage_starts_from_the_given_weights(tmp_path):
         trained = load_file(str(tmp_path / "checkpoint" / f"{weights}.safetensors"))
         assert all(torch.equal(shipped[k], trained[k]) for k in shipped)
 
+
+def test_training_log_joins_stages_and_keeps_the_finished_path(tmp_path):
+    from qsc.refmodel.report import training_log
+
+    def write(run, steps_losses):
+        (tmp_path / run).mkdir()
+        lines = [json.dumps({"step": k, "loss": loss, "lr": 1.0}) for k, loss in steps_losses]
+        (tmp_path / run / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+
+    write("one", [(25, 0.9), (50, 0.5)])
+    write("two", [(25, 0.4), (50, 0.3), (25, 0.35), (50, 0.2)])  # resumed from step 0: 25 and 50 again
+    log = training_log([tmp_path / "one", tmp_path / "two"])
+    assert [(r["stage"], r["step"], r["loss"]) for r in log] == [(1, 25, 0.9), (1, 50, 0.5), (2, 75, 0.35), (2, 100, 0.2)]
+
 # --- model, sampler, calibration --------------------------------------------------------------
 
 def test_missing_weights_give_a_clear_error(tmp_path):
