@@ -2,13 +2,14 @@
 
     python benchmarks/quality.py            # the 12 evaluation prompts, 20 sampling steps
     python benchmarks/quality.py --quick    # 6 of them, 10 steps: under 5 minutes on 2 CPU cores
+    python benchmarks/quality.py --fp-only --seeds 4   # the FP model alone, on 4 seeds per prompt
 
 For FP and every compressed model, the same evaluation prompts and noise seeds (disjoint from the
 calibration ones) are sampled. Columns: PSNR / SSIM of each video against the FP video of the same
 prompt and noise (PSNR capped at ``qsc.metrics.PSNR_CAP``), prompt adherence (the judge recognises
 shape, color and motion of the prompt), Frechet distance in the judge's feature space to real clips
 of the same prompts, storage ratio (FP bytes / compressed bytes of the transformer).
-Writes ``benchmarks/results/quality-<date>[-quick].json`` and prints the markdown table.
+Writes ``benchmarks/results/quality-<date>[-quick][-fp].json`` and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="6 prompts, 10 steps, 4 calibration prompts")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--fp-only", action="store_true", help="only the FP row (no compilation)")
+    p.add_argument("--seeds", type=int, default=1, help="noise seeds per evaluation prompt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    prompts, seeds, steps, calib_prompts = (6, 1, 10, 4) if args.quick else (12, 1, 20, 8)
+    prompts, steps, calib_prompts = (6, 10, 4) if args.quick else (12, 20, 8)
+    seeds = args.seeds
     torch.set_num_threads(args.threads)
 
     started = time.time()
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "judge_held_out_accuracy": json.loads(_judge_accuracy()),
                      "compile_seconds": compile_seconds, "total_seconds": round(time.time() - started, 1)},
     }
-    out = Path(args.out) / f"quality-{date}{'-quick' if args.quick else ''}.json"
+    out = Path(args.out) / f"quality-{date}{'-quick' if args.quick else ''}{'-fp' if args.fp_only else ''}.json"
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
