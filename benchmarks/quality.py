@@ -95,12 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     prompts, steps, calib_prompts = (6, 10, 4) if args.quick else (12, 20, 8)
-    seeds = args.seeds
     torch.set_num_threads(args.threads)
 
     started = time.time()
     model = load_reference_model()
-    cases = evaluation_cases(prompts, seeds)
+    cases = evaluation_cases(prompts, args.seeds)
     scorer = Scorer(cases)
     fp_clips = generate(as_denoiser(model), cases, steps)
     fp = scorer.judge_scores(fp_clips)
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"torch {torch.__version__}",
         "date": date,
         "command": " ".join(["python benchmarks/quality.py", *argv]),
-        "settings": {"videos": len(cases), "prompts": prompts, "seeds_per_prompt": seeds, "steps": steps,
+        "settings": {"videos": len(cases), "prompts": prompts, "seeds_per_prompt": args.seeds, "steps": steps,
                      "calibration_prompts": calib_prompts, "real_clips_for_fd": len(scorer.real_features),
                      "judge_held_out_accuracy": json.loads(_judge_accuracy()),
                      "compile_seconds": compile_seconds, "total_seconds": round(time.time() - started, 1)},

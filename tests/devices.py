@@ -22,11 +22,13 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _generator(seed: int | torch.Generator) -> torch.Generator:
+    return seed if isinstance(seed, torch.Generator) else gen(seed)
+
+
 def randn(*shape: int, seed: int | torch.Generator) -> torch.Tensor:
-    g = seed if isinstance(seed, torch.Generator) else gen(seed)
-    return torch.randn(*shape, generator=g).to(DEVICE)
+    return torch.randn(*shape, generator=_generator(seed)).to(DEVICE)
 
 
 def rand(*shape: int, seed: int | torch.Generator) -> torch.Tensor:
-    g = seed if isinstance(seed, torch.Generator) else gen(seed)
-    return torch.rand(*shape, generator=g).to(DEVICE)
+    return torch.rand(*shape, generator=_generator(seed)).to(DEVICE)

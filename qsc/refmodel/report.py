@@ -37,7 +37,7 @@ def training_log(runs: list[Path]) -> list[dict]:
         lines = (run / "train_log.jsonl").read_text().splitlines()
         by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, lines))}
         records += [{**by_step[k], "step": k + offset, "stage": stage} for k in sorted(by_step)]
-        offset = records[-1]["step"]
+        offset = records[-1]["step"] if records else offset
     return records
 
 
@@ -48,7 +48,7 @@ def loss_curve(records: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set_xlabel("step (batch 8)")
     ax.set_ylabel("velocity MSE (logged mean)")
     ax.set_yscale("log")
