@@ -2,8 +2,8 @@
 
 ``triton.compile`` lowers a kernel to PTX and cubin for a named target (e.g. sm_90) on the CPU. The
 tests use it to compile every autotune configuration at real tile sizes, so a configuration that
-does not compile, or needs more shared memory than the target has, fails here rather than on the
-GPU. The same path yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
+does not compile, needs more shared memory than the target has, spills registers, or leaves a tile
+load out of the software pipeline, fails here rather than (slowly) on the GPU. The same path yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
 
 Kernels are specialized the way the JIT specializes them at run time: pointers are assumed 16-byte
 aligned and integer arguments divisible by 16 get the divisibility hint. This module must be used
@@ -13,6 +13,9 @@ without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' compiled for
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -62,7 +65,7 @@ def compile_quant_gemm(
     k_cols = (k + 1) // 2 if w_bits == 4 else k
     params = dict(
         a_ptr=f"*{a_dtype}", a_scale_ptr="*fp32", in_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp16",
-        bias_ptr=f"*{out_dtype}", out_ptr=f"*{out_dtype}", M=m, N=n, K=k,
+        bias_ptr=f"*{out_dtype}", out_ptr=f"*{out_dtype}", M=m, N=n, K=k, K_BYTES=k_cols,
         stride_am=k, stride_wn=k_cols, stride_wsn=k // group_size if group_size else 1, stride_om=n,
     )
     constexprs = dict(
@@ -140,7 +143,9 @@ def every_configuration():
     ):
         for config in gemm_configs:
             for variant in GEMM_VARIANTS:
-                yield f"quant_gemm {variant} {config.kwargs} w{config.num_warps}s{config.num_stages}", target, (
+                # Described as it compiles: fitted to the specialization, as the autotuner fits it.
+                tile = quant_gemm.adapt_config(config, variant["group_size"], variant["a_dtype"] == "i8")
+                yield f"quant_gemm {variant} {tile.kwargs} w{tile.num_warps}s{tile.num_stages}", target, (
                     lambda c=config, v=variant, t=target: compile_quant_gemm(c, t, **v)
                 )
         for config in attention_configs:
@@ -154,6 +159,44 @@ def every_configuration():
             )
 
 
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers per thread and spill stack bytes of a compiled kernel, as ``cuobjdump`` (shipped
+    with Triton) reads them from the cubin. A kernel that spills keeps part of its accumulator in
+    local memory: correct, but each spill is a round trip through L1/HBM in the inner loop."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", dump).groups()
+    return {"registers": int(registers), "spill_bytes": int(stack)}
+
+
+_TILE_LOAD = re.compile(r"= tt\.load .*: tensor<\d+x\d+x")
+
+
+def unpipelined_tile_loads(ttgir: str) -> list[str]:
+    """The 2-D loads left synchronous inside a loop of the TritonGPU IR.
+
+    The software pipeliner turns a loop's tile loads into asynchronous copies to shared memory,
+    issued stages ahead of their use. A load it cannot turn (typically: a mask or offset whose
+    alignment it cannot prove, so no 4-16 byte vector copy) stays a plain ``tt.load``, and every
+    iteration then waits out the full global-memory latency. Scalar and 1-D loads (indices,
+    per-group scales) are cheap and not counted."""
+    found, loops = [], [False]
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            loops.pop()
+        if any(loops) and _TILE_LOAD.search(text):
+            found.append(text)
+        if text.endswith("{"):
+            loops.append(" scf.for " in text)
+    return found
+
+
 def main() -> None:
     """Compile every configuration; print one JSON line per kernel (what the tests check)."""
     for description, target, build in every_configuration():
@@ -161,6 +204,8 @@ def main() -> None:
         print(json.dumps({
             "kernel": description, "arch": target.arch, "shared_bytes": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
+            "unpipelined_loads": unpipelined_tile_loads(compiled.asm["ttgir"]),
+            **resource_usage(compiled),
         }), flush=True)
 
 

@@ -50,7 +50,7 @@ FALLBACK_CONFIGS = [
     _config(128, 128, 64, 3, 4),
     _config(64, 128, 64, 3, 4),
     _config(128, 64, 64, 3, 4),
-    _config(64, 64, 64, 2, 4),
+    _config(64, 64, 64, 3, 4),
 ]
 # Float A tiles (weight-only path) are twice the bytes of int8 ones: cap BLOCK_K to stay within
 # shared memory with the same stage counts.
@@ -59,14 +59,30 @@ _FLOAT_A_MAX_BLOCK_K = 64
 MIN_GROUP_SIZE = 32
 
 
+# Accumulator registers per thread a tile may take. At 128 (a 128x256 int32 tile over 8 warps) the
+# per-channel kernel still fits in 255 registers with its pipelined operands; the per-group kernel
+# keeps two accumulators (the group's int32 one and the float32 total), so each gets half.
+_ACC_REGISTERS = 128
+
+
 def adapt_config(config: triton.Config, group_size: int, a_int8: bool) -> triton.Config:
-    """``config`` with BLOCK_K shrunk so that it divides the weight group and fits float A tiles."""
-    bk = config.kwargs["BLOCK_K"]
+    """``config`` fitted to a specialization: BLOCK_K shrunk so that it divides the weight group and
+    fits float A tiles; for per-group scales, the output tile shrunk (N first) so that its two
+    accumulators stay in registers rather than spilling to local memory."""
+    bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     if group_size:
         bk = math.gcd(bk, group_size)
     if not a_int8:
         bk = min(bk, _FLOAT_A_MAX_BLOCK_K)
-    return _tuning.with_meta(config, BLOCK_K=bk)
+    accumulators = 2 if group_size else 1
+    threads = 32 * config.num_warps
+    budget = _ACC_REGISTERS if a_int8 else _ACC_REGISTERS // 2
+    while accumulators * bm * bn > budget * threads:
+        if bn >= bm:
+            bn //= 2
+        else:
+            bm //= 2
+    return _tuning.with_meta(config, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -78,7 +94,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _dot_tile(
-    acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K,
+    acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K, K_BYTES,
     INT4_PACKED: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -92,7 +108,7 @@ def _dot_tile(
     if INT4_PACKED:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(
-            w_ptrs + offs_b[None, :], mask=(offs_n[:, None] < N) & (offs_b[None, :] < (K + 1) // 2), other=0
+            w_ptrs + offs_b[None, :], mask=(offs_n[:, None] < N) & (offs_b[None, :] < K_BYTES), other=0
         )
         # Sign-extend each nibble with an arithmetic shift; interleave puts column 2j (low nibble)
         # before column 2j+1 (high nibble), the order of qsc.quant.pack_int4.
@@ -112,7 +128,7 @@ def _dot_tile(
 @triton.jit
 def _quant_gemm_kernel(
     a_ptr, a_scale_ptr, in_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_am, stride_wn, stride_wsn, stride_om,
+    M, N, K, K_BYTES, stride_am, stride_wn, stride_wsn, stride_om,
     INT4_PACKED: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr,
     HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -136,7 +152,7 @@ def _quant_gemm_kernel(
     if GROUP_SIZE == 0:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
         for k0 in range(0, K, BLOCK_K):
-            acc = _dot_tile(acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K,
+            acc = _dot_tile(acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K, K_BYTES,
                             INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         out = acc.to(tl.float32) * w_scale[None, :]
@@ -146,7 +162,7 @@ def _quant_gemm_kernel(
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
             # Unrolled, so the pipeliner sees one flat loop over groups.
             for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
-                part = _dot_tile(part, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0 + kk, M, N, K,
+                part = _dot_tile(part, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0 + kk, M, N, K, K_BYTES,
                                  INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
             group_scale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // GROUP_SIZE, mask=offs_n < N, other=0.0)
             out += part.to(tl.float32) * group_scale.to(tl.float32)[None, :]
@@ -198,7 +214,7 @@ def quant_gemm(
     )
     args = (
         a, a_scale, in_scale, qweight, w_scale, bias, out,
-        m, n, k, a.stride(0), qweight.stride(0), w_scale.stride(0), out.stride(0),
+        m, n, k, qweight.shape[1], a.stride(0), qweight.stride(0), w_scale.stride(0), out.stride(0),
     )
 
     def grid(meta):

@@ -1,5 +1,7 @@
 """Every autotune configuration of every kernel compiles to PTX and cubin at real tile sizes: the
-Hopper list for sm_90, the fallback list for sm_80, without a GPU (``python -m qsc.kernels.aot``)."""
+Hopper list for sm_90, the fallback list for sm_80, without a GPU (``python -m qsc.kernels.aot``).
+What the compiler reports is checked too: shared memory within the target's, Hopper's warpgroup
+MMA, no register spills, and every tile load of a main loop pipelined."""
 
 from __future__ import annotations
 
@@ -37,5 +39,22 @@ def test_every_configuration_compiles_for_its_target():
     for r in results:
         assert r["cubin_bytes"] > 0, r
         assert r["shared_bytes"] <= _SHARED_LIMIT[r["arch"]], r
+        assert r["spill_bytes"] == 0, f"spills registers to local memory: {r}"
+        assert not r["unpipelined_loads"], f"tile loads left synchronous in the main loop: {r}"
         if r["arch"] == 90 and not r["kernel"].startswith("act_quant"):
             assert r["wgmma"], f"not lowered to Hopper's warpgroup MMA: {r}"
+
+
+def test_unpipelined_tile_loads_finds_a_synchronous_load_in_a_loop():
+    ttgir = """
+    %q = tt.load %qp, %m : tensor<128x128x!tt.ptr<bf16>, #blocked>
+    %r:2 = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %z) -> (tensor<128x256xi32, #mma>) {
+      %a = ttg.async_copy_global_to_local %ap, %buf mask %m : tensor<128x128x!tt.ptr<i8>, #blocked> -> <128x128xi8>
+      %s = tt.load %sp : tensor<256x!tt.ptr<f16>, #blocked1>
+      %w = tt.load %wp, %wm : tensor<256x64x!tt.ptr<i8>, #blocked1> loc(#loc1)
+      scf.yield %acc : tensor<128x256xi32, #mma>
+    } loc(#loc2)
+    %o = tt.load %op, %m : tensor<128x128x!tt.ptr<bf16>, #blocked>
+    """
+    (found,) = aot.unpipelined_tile_loads(ttgir)
+    assert found.startswith("%w = tt.load")
