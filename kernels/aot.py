@@ -61,7 +61,7 @@ def compile_quant_gemm(
     """The GEMM for one configuration; ``a_dtype`` ``"i8"`` is the quantized path, a float type
     the weight-only path."""
     a_int8 = a_dtype == "i8"
-    config = quant_gemm.adapt_config(config, group_size, a_int8)
+    config = quant_gemm.adapt_config(config, w_bits, group_size, a_int8)
     k_cols = (k + 1) // 2 if w_bits == 4 else k
     params = dict(
         a_ptr=f"*{a_dtype}", a_scale_ptr="*fp32", in_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp16",
@@ -144,7 +144,7 @@ def every_configuration():
         for config in gemm_configs:
             for variant in GEMM_VARIANTS:
                 # Described as it compiles: fitted to the specialization, as the autotuner fits it.
-                tile = quant_gemm.adapt_config(config, variant["group_size"], variant["a_dtype"] == "i8")
+                tile = quant_gemm.adapt_config(config, variant["w_bits"], variant["group_size"], variant["a_dtype"] == "i8")
                 yield f"quant_gemm {variant} {tile.kwargs} w{tile.num_warps}s{tile.num_stages}", target, (
                     lambda c=config, v=variant, t=target: compile_quant_gemm(c, t, **v)
                 )

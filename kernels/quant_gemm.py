@@ -28,16 +28,25 @@ import triton.language as tl
 from . import _tuning
 
 
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int, swap_ab: bool = False) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": swap_ab},
+        num_stages=stages, num_warps=warps,
     )
 
 
 # Hopper: int8 tiles are 1 byte per element, so 128x256x128 with 3-4 stages still fits the 228 KB of
 # shared memory; the big tiles keep the wgmma pipes fed at the compute-bound Wan shapes
 # (M = 32760, K/N in {1536, 8960}). Smaller tiles are there for small M or N.
+#
+# W4 tiles can also run transposed (SWAP_AB): out^T = W A^T, so the weights, unpacked in registers,
+# feed the wgmma as its register operand instead of being stored back to shared memory for it. Per
+# 128x256x128 step that saves the 32 KB store and the 32 KB wgmma read of the unpacked tile, about
+# half of the kernel's shared-memory traffic; the autotuner measures which orientation wins.
 HOPPER_CONFIGS = [
+    _config(128, 256, 128, 4, 8, swap_ab=True),
+    _config(256, 128, 128, 4, 8, swap_ab=True),
+    _config(128, 128, 128, 4, 4, swap_ab=True),
     _config(128, 256, 128, 3, 8),
     _config(256, 128, 128, 3, 8),
     _config(128, 128, 128, 4, 4),
@@ -65,10 +74,12 @@ MIN_GROUP_SIZE = 32
 _ACC_REGISTERS = 128
 
 
-def adapt_config(config: triton.Config, group_size: int, a_int8: bool) -> triton.Config:
+def adapt_config(config: triton.Config, w_bits: int, group_size: int, a_int8: bool) -> triton.Config:
     """``config`` fitted to a specialization: BLOCK_K shrunk so that it divides the weight group and
     fits float A tiles; for per-group scales, the output tile shrunk (N first) so that its two
-    accumulators stay in registers rather than spilling to local memory."""
+    accumulators stay in registers rather than spilling to local memory. The transposed orientation
+    is kept only where it pays, per-channel W4 x int8: W8 tiles feed the wgmma from shared memory
+    as loaded, and float A tiles scaled in registers would need the store it avoids."""
     bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     if group_size:
         bk = math.gcd(bk, group_size)
@@ -82,12 +93,14 @@ def adapt_config(config: triton.Config, group_size: int, a_int8: bool) -> triton
             bn //= 2
         else:
             bm //= 2
-    return _tuning.with_meta(config, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    swap_ab = config.kwargs["SWAP_AB"] and w_bits == 4 and a_int8 and not group_size
+    return _tuning.with_meta(config, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP_AB=swap_ab)
 
 
 def _prune(configs, named_args, **kwargs):
     chosen = _tuning.device_configs(HOPPER_CONFIGS, FALLBACK_CONFIGS)
-    adapted = [adapt_config(c, kwargs["GROUP_SIZE"], kwargs["A_INT8"]) for c in chosen]
+    w_bits = 4 if kwargs["INT4_PACKED"] else 8
+    adapted = [adapt_config(c, w_bits, kwargs["GROUP_SIZE"], kwargs["A_INT8"]) for c in chosen]
     unique = {str(c): c for c in adapted}  # adapting can make two configs equal
     return list(unique.values())
 
@@ -96,9 +109,10 @@ def _prune(configs, named_args, **kwargs):
 def _dot_tile(
     acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K, K_BYTES,
     INT4_PACKED: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
-    """acc += A[offs_m, k0:k0+BLOCK_K] @ W[offs_n, k0:k0+BLOCK_K]^T (out-of-range rows/columns are 0)."""
+    """acc += A[offs_m, k0:k0+BLOCK_K] @ W[offs_n, k0:k0+BLOCK_K]^T (out-of-range rows/columns are 0),
+    or its transpose into a ``[BLOCK_N, BLOCK_M]`` acc with ``SWAP_AB``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     a = tl.load(a_ptrs + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
     if HAS_IN_SCALE:  # weight-only path only: the int8 path applied it while quantizing
@@ -115,7 +129,11 @@ def _dot_tile(
         w = tl.interleave((packed << 4) >> 4, packed >> 4)
     else:
         w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
-    return tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+    if SWAP_AB:
+        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+    return acc
 
 
 @triton.autotune(
@@ -132,6 +150,7 @@ def _quant_gemm_kernel(
     INT4_PACKED: tl.constexpr, GROUP_SIZE: tl.constexpr, A_INT8: tl.constexpr,
     HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles sweep the N tiles together, so the W tiles they
     # share are still in L2.
@@ -150,10 +169,15 @@ def _quant_gemm_kernel(
     acc_dtype: tl.constexpr = tl.int32 if A_INT8 else tl.float32
 
     if GROUP_SIZE == 0:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        if SWAP_AB:  # adapt_config keeps it for this path only
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_dtype)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
         for k0 in range(0, K, BLOCK_K):
             acc = _dot_tile(acc, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0, M, N, K, K_BYTES,
-                            INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
+                            INT4_PACKED, HAS_IN_SCALE, BLOCK_K, SWAP_AB)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         out = acc.to(tl.float32) * w_scale[None, :]
     else:
@@ -163,7 +187,7 @@ def _quant_gemm_kernel(
             # Unrolled, so the pipeliner sees one flat loop over groups.
             for kk in tl.static_range(0, GROUP_SIZE, BLOCK_K):
                 part = _dot_tile(part, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0 + kk, M, N, K, K_BYTES,
-                                 INT4_PACKED, HAS_IN_SCALE, BLOCK_K)
+                                 INT4_PACKED, HAS_IN_SCALE, BLOCK_K, False)
             group_scale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // GROUP_SIZE, mask=offs_n < N, other=0.0)
             out += part.to(tl.float32) * group_scale.to(tl.float32)[None, :]
 
@@ -223,6 +247,6 @@ def quant_gemm(
     if config is None:
         _quant_gemm_kernel[grid](*args, **meta)
     else:
-        config = adapt_config(config, group_size, a_int8)
+        config = adapt_config(config, w_bits, group_size, a_int8)
         _quant_gemm_kernel.fn[grid](*args, **meta, **config.all_kwargs())
     return out

@@ -103,22 +103,31 @@ def test_quant_linear_half_precision_batched_input(a_bits, dtype):
     _assert_close_to_reference(y, ref)
 
 
-@pytest.mark.parametrize("a_bits", [8, 16])
-def test_int4_with_odd_k(a_bits):
+@pytest.mark.parametrize("a_bits,swap_ab", [(8, False), (8, True), (16, False)])
+def test_int4_with_odd_k(a_bits, swap_ab):
     # An odd K is padded with one zero nibble: the last byte holds column K-1 and the padding.
     m, k, n = 9, 97, 40
     qweight, scale, bias, _ = _quantized_layer(n, k, 4, 0, seed=3)
     assert qweight.shape == (n, 49)
     x = randn(m, k, seed=4)
-    y = triton_backend.quant_linear(x, qweight, scale, bias, None, 4, a_bits, 0, k, 1.0)
+    if swap_ab:
+        config = quant_gemm._config(16, 32, 32, stages=2, warps=4, swap_ab=True)
+        a, a_scale = act_quant.quantize_per_token(x, None, a_bits, 1.0)
+        y = quant_gemm.quant_gemm(a, a_scale, None, qweight, scale, bias, 4, 0, k, torch.float32, config)
+    else:
+        y = triton_backend.quant_linear(x, qweight, scale, bias, None, 4, a_bits, 0, k, 1.0)
     ref = reference.quant_linear(x, qweight, scale, bias, None, 4, a_bits, 0, k, 1.0)
     _assert_close_to_reference(y, ref)
 
 
-@pytest.mark.parametrize("w_bits,a_bits,group_size", [(4, 8, 0), (4, 8, 64), (8, 16, 32)])
-def test_small_tiles_cover_many_programs(w_bits, a_bits, group_size):
-    # Pinned 32x32x32 tiles: a 4x4 grid of programs in GROUP_M=8 launch order, several K steps.
-    config = quant_gemm._config(32, 32, 32, stages=2, warps=4)
+@pytest.mark.parametrize(
+    "w_bits,a_bits,group_size,swap_ab", [(4, 8, 0, False), (4, 8, 0, True), (4, 8, 64, False), (8, 16, 32, False)]
+)
+def test_small_tiles_cover_many_programs(w_bits, a_bits, group_size, swap_ab):
+    # Pinned 32x32x32 tiles: a 4x4 grid of programs in GROUP_M=8 launch order, several K steps,
+    # ragged in M and N; swap_ab computes the transposed tile (W4 x int8, per channel).
+    config = quant_gemm._config(32, 32, 32, stages=2, warps=4, swap_ab=swap_ab)
+    assert quant_gemm.adapt_config(config, w_bits, group_size, a_bits == 8).kwargs["SWAP_AB"] == swap_ab
     m, k, n = 100, 192, 110
     qweight, scale, bias, in_scale = _quantized_layer(n, k, w_bits, group_size, seed=11)
     x = randn(m, k, seed=12)
