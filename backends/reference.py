@@ -78,8 +78,12 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
     tile, k codes, k scales per 64-key tile). K first loses its mean over the tokens: that shifts
     every score of a query by the same amount, which softmax ignores, and takes the large shared
     offset of K (channel outliers) out of the quantization range."""
-    kf = k.float()
-    return (*_quantize_tiles(q, SPARSE_BLOCK_M), *_quantize_tiles(kf - kf.mean(dim=2, keepdim=True), SPARSE_BLOCK_N))
+    return (*_quantize_tiles(q, SPARSE_BLOCK_M), *_quantize_tiles(k.float() - key_mean(k)[:, :, None], SPARSE_BLOCK_N))
+
+
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """K's float32 mean over the tokens, ``[B, H, D]`` (accumulated in float32, no float32 copy of K)."""
+    return k.mean(dim=2, dtype=torch.float32)
 
 
 def _dequantize_tiles(codes: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:

@@ -63,14 +63,15 @@ def sparse_attention(
     qk_int8: bool = False,
 ) -> torch.Tensor:
     """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual fused; with
-    ``qk_int8`` Q and K are quantized per tile first (the reference's ``quantize_qk``, on the GPU)."""
+    ``qk_int8`` Q and K are quantized per tile first (the reference's ``quantize_qk``, one kernel each)."""
+    from qsc.kernels import qk_quant
     from qsc.kernels import sparse_attention as kernel
 
     if layout is not None:
         reference.check_block_layout(q, k, layout)
     qk_scales = None
     if qk_int8:
-        q, q_scales, k, k_scales = reference.quantize_qk(q, k)
+        q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
         qk_scales = (q_scales, k_scales)
     return kernel.sparse_attention(
         q, k, v, layout, residual, scale,

@@ -122,7 +122,7 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
         sdpa_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
     rows = []
     # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
-    # The INT8 QK^T rows include the quantization of Q and K (plain PyTorch ops, not fused yet).
+    # The INT8 QK^T rows include the quantization of Q and K (K's mean, then one qk_quant pass each).
     for density, qk_int8 in ((1.0, False), (0.4, False), (0.25, False), (0.15, False), (1.0, True), (0.15, True)):
         tiles = reference.block_layout_shape(length, length)
         layout = None if density == 1.0 else random_layout(h, *tiles, density, device)

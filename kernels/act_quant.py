@@ -30,6 +30,19 @@ _MAX_BLOCK = 2048  # elements of a row per iteration: 8 to 16 per thread, enough
 
 
 @triton.jit
+def symmetric_scale(amax, clip, QMAX: tl.constexpr):
+    """The float32 step of a symmetric grid whose ``QMAX``-th level is ``clip * amax``."""
+    return tl.maximum(tl.math.div_rn(amax * clip, QMAX * 1.0), _MIN_SCALE)
+
+
+@triton.jit
+def codes(x, scale, QMAX: tl.constexpr):
+    """int8 codes of float32 ``x`` on the grid of ``scale``: rounded half to even, clamped."""
+    q = (tl.math.div_rn(x, scale) + _RINT_MAGIC) - _RINT_MAGIC
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int8)
+
+
+@triton.jit
 def _load_row_chunk(x_ptr, in_scale_ptr, k, K, HAS_IN_SCALE: tl.constexpr):
     mask = k < K
     x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
@@ -52,15 +65,13 @@ def _quantize_rows_kernel(
     for k0 in range(0, K, BLOCK):
         x = _load_row_chunk(x_row, in_scale_ptr, k0 + offs, K, HAS_IN_SCALE)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0) * clip, QMAX * 1.0), _MIN_SCALE)
+    scale = symmetric_scale(tl.max(amax, axis=0), clip, QMAX)
     tl.store(scale_ptr + row, scale)
 
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
         x = _load_row_chunk(x_row, in_scale_ptr, k, K, HAS_IN_SCALE)
-        q = (tl.math.div_rn(x, scale) + _RINT_MAGIC) - _RINT_MAGIC
-        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-        tl.store(q_ptr + row * stride_qm + k, q.to(tl.int8), mask=k < K)
+        tl.store(q_ptr + row * stride_qm + k, codes(x, scale, QMAX), mask=k < K)
 
 
 def block_size(k: int) -> int:

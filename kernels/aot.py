@@ -20,7 +20,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import act_quant, quant_gemm, sparse_attention
+from . import act_quant, qk_quant, quant_gemm, sparse_attention
 
 HOPPER = GPUTarget("cuda", 90, 32)
 AMPERE = GPUTarget("cuda", 80, 32)
@@ -89,6 +89,19 @@ def compile_act_quant(target: GPUTarget, *, x_dtype: str, in_scale: bool, bits: 
                     act_quant.num_warps(blk), num_stages=1)
 
 
+def compile_qk_quant(target: GPUTarget, *, rows: int, mean: bool, x_dtype: str = "bf16", heads: int = 12,
+                     length: int = 32760, head_dim: int = 128):
+    """One of Q (``rows`` 128, no mean) or K (64, smoothed) read in place from ``[B, L, H, D]``."""
+    block_d = triton.next_power_of_2(head_dim)
+    params = dict(x_ptr=f"*{x_dtype}", mean_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32", H=heads, L=length,
+                  D=head_dim, stride_xb=length * heads * head_dim, stride_xh=head_dim, stride_xl=heads * head_dim)
+    constexprs = dict(HAS_MEAN=mean, ROWS=rows, BLOCK_D=block_d)
+    if not mean:
+        constexprs["mean_ptr"] = None
+    return _compile(qk_quant._quantize_tiles_kernel, target, params, constexprs,
+                    qk_quant.num_warps(rows, block_d), num_stages=1)
+
+
 def compile_sparse_attention(
     config: triton.Config, target: GPUTarget, *, dtype: str, head_dim: int, dense: bool, residual: bool,
     qk_int8: bool, heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
@@ -128,6 +141,8 @@ GEMM_VARIANTS = (
     dict(w_bits=8, group_size=128, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
     dict(w_bits=4, group_size=128, a_dtype="bf16", out_dtype="bf16", in_scale=True, bias=False),
 )
+ACT_QUANT_VARIANTS = (dict(x_dtype="bf16", in_scale=True, bits=8), dict(x_dtype="fp16", in_scale=False, bits=8))
+QK_QUANT_VARIANTS = (dict(rows=128, mean=False), dict(rows=64, mean=True))
 ATTENTION_VARIANTS = (
     dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=False),
     dict(dtype="bf16", head_dim=128, dense=True, residual=False, qk_int8=False),
@@ -153,10 +168,10 @@ def every_configuration():
                 yield f"sparse_attention {variant} {config.kwargs} w{config.num_warps}s{config.num_stages}", target, (
                     lambda c=config, v=variant, t=target: compile_sparse_attention(c, t, **v)
                 )
-        for x_dtype, in_scale in (("bf16", True), ("fp16", False)):
-            yield f"act_quant {x_dtype} in_scale={in_scale}", target, (
-                lambda x=x_dtype, s=in_scale, t=target: compile_act_quant(t, x_dtype=x, in_scale=s, bits=8)
-            )
+        for variant in ACT_QUANT_VARIANTS:
+            yield f"act_quant {variant}", target, lambda v=variant, t=target: compile_act_quant(t, **v)
+        for variant in QK_QUANT_VARIANTS:
+            yield f"qk_quant {variant}", target, lambda v=variant, t=target: compile_qk_quant(t, **v)
 
 
 def resource_usage(compiled) -> dict[str, int]:

@@ -31,7 +31,8 @@ def test_every_configuration_compiles_for_its_target():
     results = [json.loads(line) for line in done.stdout.splitlines()]
 
     per_target = lambda gemm, attention: (  # noqa: E731
-        len(gemm) * len(aot.GEMM_VARIANTS) + len(attention) * len(aot.ATTENTION_VARIANTS) + 2
+        len(gemm) * len(aot.GEMM_VARIANTS) + len(attention) * len(aot.ATTENTION_VARIANTS)
+        + len(aot.ACT_QUANT_VARIANTS) + len(aot.QK_QUANT_VARIANTS)
     )
     assert len(results) == per_target(quant_gemm.HOPPER_CONFIGS, sparse_attention.HOPPER_CONFIGS) + per_target(
         quant_gemm.FALLBACK_CONFIGS, sparse_attention.FALLBACK_CONFIGS
@@ -41,7 +42,7 @@ def test_every_configuration_compiles_for_its_target():
         assert r["shared_bytes"] <= _SHARED_LIMIT[r["arch"]], r
         assert r["spill_bytes"] == 0, f"spills registers to local memory: {r}"
         assert not r["unpipelined_loads"], f"tile loads left synchronous in the main loop: {r}"
-        if r["arch"] == 90 and not r["kernel"].startswith("act_quant"):
+        if r["arch"] == 90 and r["kernel"].startswith(("quant_gemm", "sparse_attention")):
             assert r["wgmma"], f"not lowered to Hopper's warpgroup MMA: {r}"
 
 

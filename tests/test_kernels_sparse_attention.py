@@ -14,6 +14,7 @@ import qsc.ops  # noqa: E402,F401  (defines torch.ops.qsc.*)
 from qsc.backends import reference  # noqa: E402
 from qsc.backends import triton as triton_backend  # noqa: E402
 from qsc.errors import InputError  # noqa: E402
+from qsc.kernels import qk_quant  # noqa: E402
 from qsc.kernels import sparse_attention as kernel  # noqa: E402
 
 
@@ -139,6 +140,23 @@ def test_int8_qk_matches_reference(density):
     out = triton_backend.sparse_attention(q, k, v, layout, residual, None, True)
     assert out.dtype == torch.float16
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, True))
+
+
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])
+@pytest.mark.parametrize("lq,lk,d,heads_last", [(300, 200, 32, False), (128, 64, 48, True), (1, 5, 16, False)])
+def test_qk_quantization_is_bit_exact(dtype, lq, lk, d, heads_last):
+    # Ragged last tiles, a head dimension that is not a power of two, and q/k read in place from
+    # the [B, L, H, D] layout of the projections (heads_last); K carries an offset to smooth away.
+    b, h = 2, 3
+    def shape(length):
+        return (b, length, h, d) if heads_last else (b, h, length, d)
+
+    q = randn(*shape(lq), seed=20).to(dtype)
+    k = (randn(*shape(lk), seed=21) + 4.0 * rand(d, seed=22)).to(dtype)
+    if heads_last:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    for got, want in zip(qk_quant.quantize_qk(q, k), reference.quantize_qk(q, k), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_int8_qk_smoothing_removes_the_shared_key_offset():
