@@ -174,19 +174,42 @@ def every_configuration():
             yield f"qk_quant {variant}", target, lambda v=variant, t=target: compile_qk_quant(t, **v)
 
 
-def resource_usage(compiled) -> dict[str, int]:
-    """Registers per thread and spill stack bytes of a compiled kernel, as ``cuobjdump`` (shipped
-    with Triton) reads them from the cubin. A kernel that spills keeps part of its accumulator in
-    local memory: correct, but each spill is a round trip through L1/HBM in the inner loop."""
+def _cuobjdump(compiled, option: str) -> str:
+    """``cuobjdump`` (shipped with Triton) run on the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        dump = subprocess.run(
-            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-            capture_output=True, text=True, check=True,
+        return subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, option, cubin.name], capture_output=True, text=True, check=True
         ).stdout
-    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", dump).groups()
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers per thread and spill stack bytes of a compiled kernel. A kernel that spills keeps
+    part of its accumulator in local memory: correct, but each spill is a round trip through L1/HBM
+    in the inner loop."""
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(compiled, "--dump-resource-usage")).groups()
     return {"registers": int(registers), "spill_bytes": int(stack)}
+
+
+# One SASS instruction: address, optional predicate, opcode, operands.
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def main_loop_instructions(compiled) -> int | None:
+    """SASS instructions per thread in one iteration of the main loop: the innermost backward
+    branch whose body issues the tensor-core MMA (None for kernels without one). Against the MMA
+    work of an iteration it says whether the loop is bound by the tensor cores or by the integer
+    and shared-memory instructions around them (unpacking, address arithmetic, layout shuffles)."""
+    code = [(int(addr, 16), op, rest) for addr, op, rest in _SASS.findall(_cuobjdump(compiled, "-sass"))]
+    loops = []
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in code if int(target.group(1), 16) <= a <= addr]
+            if any("MMA" in o for o in body):
+                loops.append(len(body))
+    return min(loops, default=None)
 
 
 _TILE_LOAD = re.compile(r"= tt\.load .*: tensor<\d+x\d+x")
@@ -220,7 +243,7 @@ def main() -> None:
             "kernel": description, "arch": target.arch, "shared_bytes": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
             "unpipelined_loads": unpipelined_tile_loads(compiled.asm["ttgir"]),
-            **resource_usage(compiled),
+            "loop_instructions": main_loop_instructions(compiled), **resource_usage(compiled),
         }), flush=True)
 
 

@@ -66,6 +66,9 @@ FALLBACK_CONFIGS = [
 _FLOAT_A_MAX_BLOCK_K = 64
 # The int8 MMA consumes K in steps of 32, so a per-group layer needs groups that are multiples of it.
 MIN_GROUP_SIZE = 32
+# An int32 accumulator holds K products of |16 * 8 * 128| (W4 codes carry a factor 16 until the
+# epilogue) without overflow.
+MAX_K = 2**31 // (16 * 8 * 128)
 
 
 # Accumulator registers per thread a tile may take. At 128 (a 128x256 int32 tile over 8 warps) the
@@ -124,9 +127,12 @@ def _dot_tile(
         packed = tl.load(
             w_ptrs + offs_b[None, :], mask=(offs_n[:, None] < N) & (offs_b[None, :] < K_BYTES), other=0
         )
-        # Sign-extend each nibble with an arithmetic shift; interleave puts column 2j (low nibble)
-        # before column 2j+1 (high nibble), the order of qsc.quant.pack_int4.
-        w = tl.interleave((packed << 4) >> 4, packed >> 4)
+        # Each nibble moved to the high half of its byte (packed << 4, packed & 0xF0) is, as int8,
+        # exactly 16x its signed code: two bitwise ops per byte, where sign-extending takes three
+        # shifts, the arithmetic ones not vectorizable on the GPU's 32-bit ALU (this loop is bound
+        # by its integer instructions). `_without_w4_factor` takes the 16 back out, exactly.
+        # interleave puts column 2j (low nibble) before column 2j+1 (high), as qsc.quant.pack_int4.
+        w = tl.interleave(packed << 4, packed & -16)
     else:
         w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
     if SWAP_AB:
@@ -134,6 +140,18 @@ def _dot_tile(
     else:
         acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
     return acc
+
+
+@triton.jit
+def _without_w4_factor(acc, INT4_PACKED: tl.constexpr, A_INT8: tl.constexpr):
+    """The accumulator as float32 without the factor 16 of the W4 unpacking: an int32 sum of
+    multiples of 16 shifts right exactly; a float one scales by a power of two, also exactly."""
+    if INT4_PACKED:
+        if A_INT8:
+            acc = acc >> 4
+        else:
+            acc = acc * 0.0625
+    return acc.to(tl.float32)
 
 
 @triton.autotune(
@@ -179,7 +197,7 @@ def _quant_gemm_kernel(
         if SWAP_AB:
             acc = tl.trans(acc)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        out = acc.to(tl.float32) * w_scale[None, :]
+        out = _without_w4_factor(acc, INT4_PACKED, A_INT8) * w_scale[None, :]
     else:
         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, GROUP_SIZE):
@@ -189,7 +207,7 @@ def _quant_gemm_kernel(
                 part = _dot_tile(part, a_ptrs, w_ptrs, in_scale_ptr, offs_m, offs_n, k0 + kk, M, N, K, K_BYTES,
                                  INT4_PACKED, HAS_IN_SCALE, BLOCK_K, False)
             group_scale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // GROUP_SIZE, mask=offs_n < N, other=0.0)
-            out += part.to(tl.float32) * group_scale.to(tl.float32)[None, :]
+            out += _without_w4_factor(part, INT4_PACKED, A_INT8) * group_scale.to(tl.float32)[None, :]
 
     if A_INT8:
         out *= tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
@@ -224,6 +242,7 @@ def quant_gemm(
     n = qweight.shape[0]
     assert k == in_features, f"activation has {k} features, the weight {in_features}"
     assert group_size == 0 or group_size % MIN_GROUP_SIZE == 0, f"group size {group_size}"
+    assert k <= MAX_K, f"{k} input features overflow the int32 accumulator (at most {MAX_K})"
     if a.stride(1) != 1:
         a = a.contiguous()
     qweight = qweight.contiguous().view(torch.int8)  # packed int4 bytes are read as signed
