@@ -3,7 +3,8 @@
 ``triton.compile`` lowers a kernel to PTX and cubin for a named target (e.g. sm_90) on the CPU. The
 tests use it to compile every autotune configuration at real tile sizes, so a configuration that
 does not compile, needs more shared memory than the target has, spills registers, or leaves a tile
-load out of the software pipeline, fails here rather than (slowly) on the GPU. The same path yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
+load out of the software pipeline, fails here rather than (slowly) on the GPU. The same path
+yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
 
 Kernels are specialized the way the JIT specializes them at run time: pointers are assumed 16-byte
 aligned and integer arguments divisible by 16 get the divisibility hint. This module must be used
@@ -159,7 +160,9 @@ def every_configuration():
         for config in gemm_configs:
             for variant in GEMM_VARIANTS:
                 # Described as it compiles: fitted to the specialization, as the autotuner fits it.
-                tile = quant_gemm.adapt_config(config, variant["w_bits"], variant["group_size"], variant["a_dtype"] == "i8")
+                tile = quant_gemm.adapt_config(
+                    config, variant["w_bits"], variant["group_size"], a_int8=variant["a_dtype"] == "i8"
+                )
                 yield f"quant_gemm {variant} {tile.kwargs} w{tile.num_warps}s{tile.num_stages}", target, (
                     lambda c=config, v=variant, t=target: compile_quant_gemm(c, t, **v)
                 )

@@ -28,7 +28,8 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
     assert {"device", "torch", "triton", "date", "command"} <= report.keys()
     assert {r["scheme"] for r in report["gemm"]} == {"w4a8", "w8a8"}
     for r in report["gemm"]:
-        assert {"K", "N", "ms", "bf16_ms", "speedup_vs_bf16", "rel_err", "act_quant_ms", "speedup_with_act_quant"} <= r.keys()
+        assert {"K", "N", "ms", "bf16_ms", "speedup_vs_bf16", "rel_err"} <= r.keys()
+        assert {"act_quant_ms", "linear_ms", "speedup_with_act_quant"} <= r.keys()
         assert r["rel_err"] < 1e-3  # the kernel computes the reference's function
     assert [r["density"] for r in report["attention"] if not r["qk_int8"]] == [1.0, 0.4, 0.25, 0.15]
     for r in report["attention"]:
