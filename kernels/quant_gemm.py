@@ -48,7 +48,7 @@ HOPPER_CONFIGS = [
     _config(256, 128, 128, 4, 8, swap_ab=True),
     _config(128, 128, 128, 4, 4, swap_ab=True),
     _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
+    _config(256, 128, 128, 4, 8),
     _config(128, 128, 128, 4, 4),
     _config(128, 256, 64, 4, 8),
     _config(128, 128, 64, 4, 4),
