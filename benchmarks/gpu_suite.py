@@ -74,14 +74,13 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
     from qsc.kernels import act_quant, quant_gemm
 
     rows = []
-    m = s["tokens"]
+    m, a_bits = s["tokens"], 8
     for k, n in s["gemm"]:
         x = torch.randn(m, k, device=device, dtype=s["dtype"])
         w = torch.randn(n, k, device=device) / k**0.5
         w_t = w.to(s["dtype"]).t()
         bf16_ms = bench_ms(lambda: torch.matmul(x, w_t), device)
         dense = torch.matmul(x, w_t)
-        a_bits = 8
         act_quant_ms = bench_ms(lambda: act_quant.quantize_per_token(x, None, a_bits, 1.0), device)
         codes, code_scales = act_quant.quantize_per_token(x, None, a_bits, 1.0)
         for w_bits in (4, 8):

@@ -148,6 +148,7 @@ def test_qk_quantization_is_bit_exact(dtype, lq, lk, d, heads_last):
     # Ragged last tiles, a head dimension that is not a power of two, and q/k read in place from
     # the [B, L, H, D] layout of the projections (heads_last); K carries an offset to smooth away.
     b, h = 2, 3
+
     def shape(length):
         return (b, length, h, d) if heads_last else (b, h, length, d)
 
