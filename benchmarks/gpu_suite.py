@@ -40,9 +40,10 @@ WAN_TEXT_TOKENS = 512
 
 def shapes(dry_run: bool) -> dict:
     if dry_run:  # tiny, ragged: the interpreter runs every program in Python
-        return dict(tokens=70, gemm=[(96, 80), (64, 136)], heads=2, head_dim=32, seq=300, dtype=torch.float16)
-    return dict(tokens=32760, gemm=[(1536, 1536), (1536, 8960), (8960, 1536)], heads=12, head_dim=128,
-                seq=32760, dtype=torch.bfloat16)
+        return dict(tokens=70, gemm=[(96, 80), (64, 136)], strategy_rows=(16, 70), heads=2, head_dim=32, seq=300,
+                    dtype=torch.float16)
+    return dict(tokens=32760, gemm=[(1536, 1536), (1536, 8960), (8960, 1536)], strategy_rows=(512, 2048, 8192),
+                heads=12, head_dim=128, seq=32760, dtype=torch.bfloat16)
 
 
 def bench_ms(fn, device: torch.device) -> float:
@@ -67,7 +68,9 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
     """Low-bit GEMM vs ``torch.matmul`` in the model dtype, the two kernels of ``qsc::quant_linear``
     timed apart: ``ms`` is the GEMM on int8 activation codes (what it costs once the quantization is
     fused into the op before it), ``act_quant_ms`` the per-token quantization pass on its own, and
-    ``linear_ms`` / ``speedup_with_act_quant`` the op as it runs today, both kernels in sequence."""
+    ``linear_ms`` / ``speedup_with_act_quant`` the op as it runs today, both kernels in sequence.
+    W4 rows time both strategies of the GEMM (``ms_in_loop``, ``ms_unpack_first``); ``ms`` is the
+    one ``quant_gemm`` picks at this M (``strategy``)."""
     from qsc import quant
     from qsc.backends import reference
     from qsc.backends import triton as triton_backend
@@ -87,16 +90,54 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
             scale = quant.weight_scale(w, w_bits)
             qweight = quant.pack_weight(quant.quantize_weight(w, scale, w_bits), w_bits)
             gemm_args = (codes, code_scales, None, qweight, scale, None, w_bits, 0, k, s["dtype"])
-            ms = bench_ms(lambda: quant_gemm.quant_gemm(*gemm_args), device)
+            row = dict(scheme=f"w{w_bits}a{a_bits}", M=m, K=k, N=n)
+            if w_bits == 4:
+                row.update(_w4_strategies(gemm_args, device))
+                ms = row[f"ms_{row['strategy']}"]
+            else:
+                ms = bench_ms(lambda: quant_gemm.quant_gemm(*gemm_args), device)
             args = (x, qweight, scale, None, None, w_bits, a_bits, 0, k, 1.0)
             linear_ms = bench_ms(lambda: triton_backend.quant_linear(*args), device)
             out = triton_backend.quant_linear(*args)
             rows.append(dict(
-                scheme=f"w{w_bits}a{a_bits}", M=m, K=k, N=n, ms=ms, bf16_ms=bf16_ms, speedup_vs_bf16=bf16_ms / ms,
+                row, ms=ms, bf16_ms=bf16_ms, speedup_vs_bf16=bf16_ms / ms,
                 act_quant_ms=act_quant_ms, linear_ms=linear_ms, speedup_with_act_quant=bf16_ms / linear_ms,
                 rel_err=rel_err(out, reference.quant_linear(*args)),
                 quant_err_vs_bf16=rel_err(out, dense),  # the quantization's own error, for scale
             ))
+    return rows
+
+
+def _w4_strategies(gemm_args: tuple, device: torch.device) -> dict:
+    """Both W4 strategies of one GEMM timed, and the one ``quant_gemm`` picks at its M."""
+    from qsc.kernels import quant_gemm
+
+    timed = {
+        f"ms_{name}": bench_ms(lambda: quant_gemm.quant_gemm(*gemm_args, unpack_first=first), device)
+        for name, first in (("in_loop", False), ("unpack_first", True))
+    }
+    m = gemm_args[0].shape[0]
+    return dict(timed, strategy="unpack_first" if m >= quant_gemm.UNPACK_MIN_ROWS else "in_loop")
+
+
+def w4_strategy_rows(device: torch.device, s: dict) -> list[dict]:
+    """W4A8 GEMM over a range of M with both strategies: where unpacking first starts to pay, the
+    figure ``quant_gemm.UNPACK_MIN_ROWS`` is set from."""
+    from qsc import quant
+    from qsc.kernels import act_quant
+
+    k, n = s["gemm"][1]
+    w = torch.randn(n, k, device=device) / k**0.5
+    w_t = w.to(s["dtype"]).t()
+    scale = quant.weight_scale(w, 4)
+    qweight = quant.pack_weight(quant.quantize_weight(w, scale, 4), 4)
+    rows = []
+    for m in s["strategy_rows"]:
+        x = torch.randn(m, k, device=device, dtype=s["dtype"])
+        bf16_ms = bench_ms(lambda: torch.matmul(x, w_t), device)
+        codes, code_scales = act_quant.quantize_per_token(x, None, 8, 1.0)
+        timed = _w4_strategies((codes, code_scales, None, qweight, scale, None, 4, 0, k, s["dtype"]), device)
+        rows.append(dict(M=m, K=k, N=n, bf16_ms=bf16_ms, **timed))
     return rows
 
 
@@ -208,10 +249,17 @@ def environment(device: torch.device) -> dict:
 def print_table(report: dict) -> None:
     print(f"\n== qsc GPU suite: {report['device']} ({report['date']}) ==")
     if report.get("gemm"):
-        print(f"{'GEMM':<8}{'K':>6}{'N':>6}{'ms':>10}{'bf16 ms':>10}{'speedup':>9}{'+quant':>9}{'rel err':>10}")
+        print(f"{'GEMM':<8}{'K':>6}{'N':>6}{'W4 unpack':>14}{'ms':>10}{'bf16 ms':>10}{'speedup':>9}{'+quant':>9}"
+              f"{'rel err':>10}")
         for r in report["gemm"]:
-            print(f"{r['scheme']:<8}{r['K']:>6}{r['N']:>6}{r['ms']:>10.3f}{r['bf16_ms']:>10.3f}"
-                  f"{r['speedup_vs_bf16']:>8.2f}x{r['speedup_with_act_quant']:>8.2f}x{r['rel_err']:>10.1e}")
+            print(f"{r['scheme']:<8}{r['K']:>6}{r['N']:>6}{r.get('strategy', '-'):>14}{r['ms']:>10.3f}"
+                  f"{r['bf16_ms']:>10.3f}{r['speedup_vs_bf16']:>8.2f}x{r['speedup_with_act_quant']:>8.2f}x"
+                  f"{r['rel_err']:>10.1e}")
+    if report.get("w4_strategy"):
+        print(f"{'W4A8 M':<8}{'K':>6}{'N':>6}{'in loop':>10}{'unpack 1st':>11}{'bf16 ms':>10}")
+        for r in report["w4_strategy"]:
+            print(f"{r['M']:<8}{r['K']:>6}{r['N']:>6}{r['ms_in_loop']:>10.3f}{r['ms_unpack_first']:>11.3f}"
+                  f"{r['bf16_ms']:>10.3f}")
     if report.get("attention"):
         print(f"{'density':<8}{'QK':>12}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}")
         for r in report["attention"]:
@@ -242,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = environment(device)
     if "gemm" in sections:
         report["gemm"] = gemm_rows(device, s)
+        report["w4_strategy"] = w4_strategy_rows(device, s)
     if "attention" in sections:
         report["attention"] = attention_rows(device, s)
     if "end_to_end" in sections:

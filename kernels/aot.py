@@ -21,7 +21,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import act_quant, qk_quant, quant_gemm, sparse_attention
+from . import act_quant, int4_unpack, qk_quant, quant_gemm, sparse_attention
 
 HOPPER = GPUTarget("cuda", 90, 32)
 AMPERE = GPUTarget("cuda", 80, 32)
@@ -90,6 +90,12 @@ def compile_act_quant(target: GPUTarget, *, x_dtype: str, in_scale: bool, bits: 
                     act_quant.num_warps(blk), num_stages=1)
 
 
+def compile_int4_unpack(target: GPUTarget, *, n: int = 8960, k: int = 1536):
+    params = dict(packed_ptr="*i8", out_ptr="*i8", N=n, K=k, K_BYTES=(k + 1) // 2, stride_pn=(k + 1) // 2, stride_on=k)
+    constexprs = dict(BLOCK_N=int4_unpack.BLOCK_N, BLOCK_BYTES=int4_unpack.BLOCK_BYTES)
+    return _compile(int4_unpack._unpack_int4_kernel, target, params, constexprs, num_warps=4, num_stages=1)
+
+
 def compile_qk_quant(target: GPUTarget, *, rows: int, mean: bool, x_dtype: str = "bf16", heads: int = 12,
                      length: int = 32760, head_dim: int = 128):
     """One of Q (``rows`` 128, no mean) or K (64, smoothed) read in place from ``[B, L, H, D]``."""
@@ -134,11 +140,13 @@ def compile_sparse_attention(
                     config.num_warps, config.num_stages)
 
 
-# The specializations every tile configuration is compiled for: the per-channel W4A8 hot path,
-# per-group W8A8 (flush per group in the main loop) and per-group weight-only W4A16 (float A tiles,
-# the largest shared-memory footprint).
+# The specializations every tile configuration is compiled for: per-channel W4A8 with the int4
+# unpacking in the loop (up to quant_gemm.UNPACK_MIN_ROWS rows) and on int8 weights (W8A8, and W4A8
+# from there on), per-group W8A8 (flush per group in the main loop) and per-group weight-only W4A16
+# (float A tiles, the largest shared-memory footprint).
 GEMM_VARIANTS = (
     dict(w_bits=4, group_size=0, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
+    dict(w_bits=8, group_size=0, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
     dict(w_bits=8, group_size=128, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
     dict(w_bits=4, group_size=128, a_dtype="bf16", out_dtype="bf16", in_scale=True, bias=False),
 )
@@ -175,6 +183,7 @@ def every_configuration():
             yield f"act_quant {variant}", target, lambda v=variant, t=target: compile_act_quant(t, **v)
         for variant in QK_QUANT_VARIANTS:
             yield f"qk_quant {variant}", target, lambda v=variant, t=target: compile_qk_quant(t, **v)
+        yield "int4_unpack", target, lambda t=target: compile_int4_unpack(t)
 
 
 def _cuobjdump(compiled, option: str) -> str:

@@ -4,8 +4,10 @@ A is either int8 codes with one float32 scale per row (activations quantized per
 ``act_quant``; A6/A4 are int8 codes of a narrower range, so they run on the same int8 MMA) or, in
 the weight-only path (a_bits 16), the float activations themselves. W is ``[N, K]`` int8 codes
 (W8/W6) or int4 codes packed two per byte along K (W4, low nibble = even column, see
-``qsc.quant.pack_int4``), unpacked in registers right after the load: HBM traffic is half a byte
-per weight.
+``qsc.quant.pack_int4``). Below ``UNPACK_MIN_ROWS`` rows W4 tiles are unpacked in registers right
+after the load (HBM traffic: half a byte per weight, what a memory-bound GEMM needs); from there
+on the weight is unpacked to int8 by ``int4_unpack`` first and the main loop is the plain int8
+one (the GEMM is compute bound, see that module).
 
 Accumulation: int8 x int8 products accumulate in int32 (exact); weight-only multiplies fp16/bf16
 activations (TF32 for float32 ones, on the GPU) with the weights converted to that type (integer
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _tuning, int4_unpack
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int, swap_ab: bool = False) -> triton.Config:
@@ -69,6 +71,12 @@ MIN_GROUP_SIZE = 32
 # An int32 accumulator holds K products of |16 * 8 * 128| (W4 codes carry a factor 16 until the
 # epilogue) without overflow.
 MAX_K = 2**31 // (16 * 8 * 128)
+
+
+# From this many rows on, W4 weights are unpacked to int8 in a pass of their own and the GEMM runs on
+# int8 weights (see int4_unpack): the pass costs as much as 300-450 rows of int8 MMA work at peak
+# (H200, H100), while unpacking in the loop about doubles the instructions of each main-loop step.
+UNPACK_MIN_ROWS = 4096
 
 
 # Accumulator registers per thread a tile may take. At 128 (a 128x256 int32 tile over 8 warps) the
@@ -229,6 +237,7 @@ def quant_gemm(
     in_features: int,
     out_dtype: torch.dtype,
     config: triton.Config | None = None,
+    unpack_first: bool | None = None,
 ) -> torch.Tensor:
     """``[M, K]`` A (int8 codes with float32 ``a_scale [M]``, or float with ``a_scale`` None) times
     the packed weight ``[N, K]`` -> ``[M, N]`` in ``out_dtype``.
@@ -236,7 +245,8 @@ def quant_gemm(
     ``in_scale`` is only taken here in the weight-only path (the int8 path folds it into the codes).
     ``group_size`` 0 means per-channel scales ``[N]``; otherwise scales are ``[N, K // group_size]``
     and ``group_size`` must be a multiple of ``MIN_GROUP_SIZE``. ``config`` pins a tile
-    configuration instead of autotuning (tests and benchmarks).
+    configuration instead of autotuning, ``unpack_first`` the W4 strategy instead of choosing it by
+    M (tests and benchmarks).
     """
     m, k = a.shape
     n = qweight.shape[0]
@@ -246,6 +256,8 @@ def quant_gemm(
     if a.stride(1) != 1:
         a = a.contiguous()
     qweight = qweight.contiguous().view(torch.int8)  # packed int4 bytes are read as signed
+    if w_bits == 4 and (m >= UNPACK_MIN_ROWS if unpack_first is None else unpack_first):
+        qweight, w_bits = int4_unpack.unpack_int4(qweight, in_features), 8
     w_scale = w_scale.reshape(n, -1).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:

@@ -32,7 +32,7 @@ def test_every_configuration_compiles_for_its_target():
 
     per_target = lambda gemm, attention: (  # noqa: E731
         len(gemm) * len(aot.GEMM_VARIANTS) + len(attention) * len(aot.ATTENTION_VARIANTS)
-        + len(aot.ACT_QUANT_VARIANTS) + len(aot.QK_QUANT_VARIANTS)
+        + len(aot.ACT_QUANT_VARIANTS) + len(aot.QK_QUANT_VARIANTS) + 1  # int4_unpack
     )
     assert len(results) == per_target(quant_gemm.HOPPER_CONFIGS, sparse_attention.HOPPER_CONFIGS) + per_target(
         quant_gemm.FALLBACK_CONFIGS, sparse_attention.FALLBACK_CONFIGS

@@ -31,6 +31,11 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
         assert {"K", "N", "ms", "bf16_ms", "speedup_vs_bf16", "rel_err"} <= r.keys()
         assert {"act_quant_ms", "linear_ms", "speedup_with_act_quant"} <= r.keys()
         assert r["rel_err"] < 1e-3  # the kernel computes the reference's function
+        if r["scheme"] == "w4a8":
+            assert r["ms"] == r[f"ms_{r['strategy']}"] and r["strategy"] == "in_loop"  # M = 70
+    assert [r["M"] for r in report["w4_strategy"]] == [16, 70]
+    for r in report["w4_strategy"]:
+        assert {"ms_in_loop", "ms_unpack_first", "bf16_ms"} <= r.keys()
     assert [r["density"] for r in report["attention"] if not r["qk_int8"]] == [1.0, 0.4, 0.25, 0.15]
     for r in report["attention"]:
         assert {"density", "ms", "sdpa_ms", "speedup_vs_sdpa", "rel_err"} <= r.keys()

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from qsc import quant  # noqa: E402
 from qsc.backends import reference  # noqa: E402
 from qsc.backends import triton as triton_backend  # noqa: E402
-from qsc.kernels import act_quant, quant_gemm  # noqa: E402
+from qsc.kernels import act_quant, int4_unpack, quant_gemm  # noqa: E402
 
 
 def _quantized_layer(n: int, k: int, w_bits: int, group_size: int, seed: int):
@@ -137,6 +137,42 @@ def test_small_tiles_cover_many_programs(w_bits, a_bits, group_size, swap_ab):
     y = quant_gemm.quant_gemm(a, a_scale, in_scale, qweight, scale, bias, w_bits, group_size, k, torch.float32, config)
     ref = reference.quant_linear(x, qweight, scale, bias, in_scale, w_bits, a_bits, group_size, k, 1.0)
     _assert_close_to_reference(y, ref)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 7), (33, 300), (17, 513)])  # 513: two byte tiles, odd K
+def test_int4_unpack_is_bit_exact(n, k):
+    packed = torch.randint(0, 256, (n, (k + 1) // 2), generator=gen(n * k), dtype=torch.uint8)
+    packed[0, : min(256, packed.shape[1])] = torch.arange(min(256, packed.shape[1]), dtype=torch.uint8)
+    out = int4_unpack.unpack_int4(packed.to(DEVICE), k)
+    assert torch.equal(out.cpu(), quant.unpack_int4(packed, k))
+
+
+@pytest.mark.parametrize("a_bits,group_size,k", [(8, 0, 97), (8, 64, 192), (16, 32, 160), (4, 0, 128)])
+def test_w4_unpacked_first_matches_reference(a_bits, group_size, k):
+    # The large-M strategy: int4 weights unpacked to int8 by their own kernel, then the int8 GEMM.
+    m, n = 45, 72
+    qweight, scale, bias, in_scale = _quantized_layer(n, k, 4, group_size, seed=k + a_bits)
+    x = randn(m, k, seed=13)
+    a, a_scale = x, None
+    if a_bits < 16:
+        a, a_scale = act_quant.quantize_per_token(x, in_scale, a_bits, 1.0)
+    y = quant_gemm.quant_gemm(a, a_scale, in_scale, qweight, scale, bias, 4, group_size, k, torch.float32,
+                              unpack_first=True)
+    ref = reference.quant_linear(x, qweight, scale, bias, in_scale, 4, a_bits, group_size, k, 1.0)
+    _assert_close_to_reference(y, ref)
+
+
+@pytest.mark.parametrize("m,unpacks", [(7, False), (8, True)])
+def test_w4_strategy_is_chosen_by_rows(monkeypatch, m, unpacks):
+    monkeypatch.setattr(quant_gemm, "UNPACK_MIN_ROWS", 8)
+    calls = []
+    monkeypatch.setattr(int4_unpack, "unpack_int4", lambda *args: calls.append(args) or quant.unpack_int4(*args))
+    k, n = 64, 16
+    qweight, scale, bias, _ = _quantized_layer(n, k, 4, 0, seed=9)
+    x = randn(m, k, seed=10)
+    y = triton_backend.quant_linear(x, qweight, scale, bias, None, 4, 8, 0, k, 1.0)
+    assert bool(calls) == unpacks
+    _assert_close_to_reference(y, reference.quant_linear(x, qweight, scale, bias, None, 4, 8, 0, k, 1.0))
 
 
 def test_unsupported_group_size_falls_back_to_reference():
