@@ -73,10 +73,10 @@ def test_dense_mode_is_attention():
     _assert_close(triton_backend.sparse_attention(q, k, v, all_kept, None, scale), dense)
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m):
+@pytest.mark.parametrize("block_m,key_tiles", [(64, 1), (128, 1), (128, 2)])
+def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m, key_tiles):
     # q/k/v as transposed views of [B, L, H, D] (what a model's reshape gives), D = 24 padded to 32,
-    # one layout per batch element, both query tile sizes the configs use.
+    # one layout per batch element, the query tile sizes and key tiles per step the configs use.
     b, h, lq, lk, d = 2, 3, 260, 130, 24
     g = gen(7)
     q, k, v = (randn(b, n, h, d, seed=g).half().transpose(1, 2) for n in (lq, lk, lk))
@@ -84,9 +84,30 @@ def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m):
     residual = randn(b, h, lq, d, seed=g).half()
     out = kernel.sparse_attention(
         q, k, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N,
-        config=kernel._config(block_m, stages=2, warps=4),
+        config=kernel._config(block_m, stages=2, warps=4, key_tiles=key_tiles),
     )
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None))
+
+
+@pytest.mark.parametrize("density", [None, 0.15, 0.4, 0.7])
+@pytest.mark.parametrize("qk_int8", [False, True])
+def test_two_key_tiles_per_step(density, qk_int8):
+    # Rows with odd and even kept-tile counts (the last step then has one tile, or two), the ragged
+    # last key tile, an empty row; dense mode with an odd number of key tiles (7).
+    b, h, lq, lk, d = 1, 2, 300, 420, 32
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=15)
+    layout = None if density is None else _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=16)
+    residual = randn(b, h, lq, d, seed=17).half()
+    qk_scales = None
+    if qk_int8:
+        q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
+        qk_scales = (q_scales, k_scales)
+    out = kernel.sparse_attention(
+        q, k, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
+        config=kernel._config(128, stages=2, warps=4, key_tiles=2),
+    )
+    q, k = _qkv(b, h, lq, lk, d, torch.float16, seed=15)[:2]
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, qk_int8))
 
 
 def test_layout_to_indices():
