@@ -143,10 +143,12 @@ def _dot_tile(
         w = tl.interleave(packed << 4, packed & -16)
     else:
         w = tl.load(w_ptrs + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
+    # out_dtype named although it is acc's: Triton 3.6 defaults it to float32 and then rejects an
+    # int32 acc.
     if SWAP_AB:
-        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc, out_dtype=acc.dtype)
     else:
-        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, out_dtype=acc.dtype)
     return acc
 
 
