@@ -179,6 +179,7 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
 
 def end_to_end(device: torch.device, dry_run: bool) -> dict:
     """One transformer forward of a Wan2.1-1.3B-shaped model (random weights): qsc vs bf16 diffusers.
+    ``ms`` is qsc's program under ``torch.compile`` (``qsc_eager_ms`` without it).
 
     Guarded: this needs diffusers and the compile pipeline, and measures what that pipeline offers
     today. The SSAR cycle (tau steps with the dense refresh) and the sparse preset are measured once
@@ -207,22 +208,42 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
     preset = "w4a8-sparse" if sparse else "w4a8"
     with torch.no_grad():
         eager_ms, eager_peak = _timed_forward(lambda: model(**inputs, return_dict=False)[0], device)
+        _progress(f"bf16 eager {eager_ms:.1f} ms")
         compiled = torch.compile(model)
         compile_ms, _ = _timed_forward(lambda: compiled(**inputs, return_dict=False)[0], device)
+        _progress(f"bf16 torch.compile {compile_ms:.1f} ms")
         fp_out = model(**inputs, return_dict=False)[0]
         result = qsc.compile(
             model, qsc.CalibrationSet.from_samples([inputs], outputs=[fp_out]), preset=preset,
             config={"backend": "triton", "calib_samples": 1, "check_numerics": False},
         )
-        qsc_ms, qsc_peak = _timed_forward(lambda: result.module(**result.example_inputs), device)
+        qsc_inputs = result.example_inputs
+        qsc_eager_ms, qsc_peak = _timed_forward(lambda: result.module(**qsc_inputs), device)
+        _progress(f"qsc {preset} eager {qsc_eager_ms:.1f} ms")
+        # The compressed program under torch.compile: the qsc:: ops stay opaque calls into their
+        # kernels, Inductor fuses the glue between them (norms, modulation, RoPE) as it does for bf16.
+        compiled_qsc = torch.compile(result.module)
+        qsc_ms, _ = _timed_forward(lambda: compiled_qsc(**qsc_inputs), device)
+        _progress(f"qsc {preset} torch.compile {qsc_ms:.1f} ms")
+        compile_rel_err = rel_err(_first(compiled_qsc(**qsc_inputs)), _first(result.module(**qsc_inputs)))
     return dict(
         preset=preset, timed="one forward" + ("" if sparse else " (dense: no sparse preset in this qsc yet)"),
         tau=None, density=None if sparse else 1.0,  # set by the sparse/SSAR pipeline once it exists
-        ms=qsc_ms, bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
+        ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
         speedup_vs_bf16_eager=eager_ms / qsc_ms, speedup_vs_bf16_compile=compile_ms / qsc_ms,
         peak_mem_ratio=(qsc_peak / eager_peak) if eager_peak else None,
-        storage_ratio=result.sizes["ratio"], output_metrics=result.metrics,
+        storage_ratio=result.sizes["ratio"], output_metrics=result.metrics, compile_rel_err=compile_rel_err,
     )
+
+
+def _progress(message: str) -> None:
+    """A figure as soon as it is measured: a run stopped later (time limit) still shows it."""
+    print(f"[end_to_end] {message}", file=sys.stderr, flush=True)
+
+
+def _first(out):
+    """The output tensor of a forward that may return a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _timed_forward(fn, device: torch.device) -> tuple[float, int | None]:

@@ -41,3 +41,15 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
         assert {"density", "ms", "sdpa_ms", "speedup_vs_sdpa", "rel_err"} <= r.keys()
         assert r["rel_err"] < 1e-2
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("0.15")  # the table comes last
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end_times_the_compressed_program(tmp_path):
+    pytest.importorskip("diffusers")
+    row = _load_suite().main(["--dry-run", "--sections", "end_to_end", "--out", str(tmp_path)])["end_to_end"]
+    assert "error" not in row, row
+    assert {"speedup_vs_bf16_eager", "speedup_vs_bf16_compile", "peak_mem_ratio", "storage_ratio", "tau",
+            "density"} <= row.keys()
+    assert row["ms"] > 0 and row["qsc_eager_ms"] > 0
+    assert row["compile_rel_err"] < 1e-3  # torch.compile of the program computes what it computes eagerly
+    assert row["output_metrics"]["rel_l2"] < 0.05  # the compressed forward follows the bf16 one
