@@ -1,8 +1,10 @@
 """Dynamic per-token activation quantization: one memory-bound pass in front of the int8 GEMM.
 
-Each program owns one token (row) and reads it twice: once for ``max|x|``, once to write the codes.
-The second read hits L2 (a row is at most a few tens of KB), so the pass costs about one read of
-``x`` plus one write of the int8 codes, which is as cheap as a separate pass can be.
+Each program owns one token (row). A row of up to 2048 features (the Wan attention and FFN-up
+projections' 1536) is read once and kept in registers; a longer one is read twice, once for
+``max|x|`` and once to write the codes, the second read hitting L2 (a row is a few tens of KB).
+So the pass costs about one read of ``x`` plus one write of the int8 codes, as cheap as a
+separate pass can be.
 
 Numerics are bit-identical to the reference, ``qsc.quant.quantize_per_token`` applied to
 ``x * in_scale`` (that is what the tests assert):
@@ -55,23 +57,27 @@ def _load_row_chunk(x_ptr, in_scale_ptr, k, K, HAS_IN_SCALE: tl.constexpr):
 def _quantize_rows_kernel(
     x_ptr, in_scale_ptr, q_ptr, scale_ptr,
     K, stride_xm, stride_qm, clip,
-    QMAX: tl.constexpr, HAS_IN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    QMAX: tl.constexpr, HAS_IN_SCALE: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     offs = tl.arange(0, BLOCK)
 
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        x = _load_row_chunk(x_row, in_scale_ptr, k0 + offs, K, HAS_IN_SCALE)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = symmetric_scale(tl.max(amax, axis=0), clip, QMAX)
+    if ONE_CHUNK:  # the row fits one chunk: read it once, keep it in registers
+        x = _load_row_chunk(x_row, in_scale_ptr, offs, K, HAS_IN_SCALE)
+        scale = symmetric_scale(tl.max(tl.abs(x), axis=0), clip, QMAX)
+        tl.store(q_ptr + row * stride_qm + offs, codes(x, scale, QMAX), mask=offs < K)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = _load_row_chunk(x_row, in_scale_ptr, k0 + offs, K, HAS_IN_SCALE)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = symmetric_scale(tl.max(amax, axis=0), clip, QMAX)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + offs
+            x = _load_row_chunk(x_row, in_scale_ptr, k, K, HAS_IN_SCALE)
+            tl.store(q_ptr + row * stride_qm + k, codes(x, scale, QMAX), mask=k < K)
     tl.store(scale_ptr + row, scale)
-
-    for k0 in range(0, K, BLOCK):
-        k = k0 + offs
-        x = _load_row_chunk(x_row, in_scale_ptr, k, K, HAS_IN_SCALE)
-        tl.store(q_ptr + row * stride_qm + k, codes(x, scale, QMAX), mask=k < K)
 
 
 def block_size(k: int) -> int:
@@ -97,7 +103,7 @@ def quantize_per_token(
     _quantize_rows_kernel[(m,)](
         x, in_scale, q, scale,
         k, x.stride(0), q.stride(0), float(clip),
-        QMAX=quant.qmax(bits), HAS_IN_SCALE=in_scale is not None, BLOCK=blk,
+        QMAX=quant.qmax(bits), HAS_IN_SCALE=in_scale is not None, BLOCK=blk, ONE_CHUNK=k <= blk,
         num_warps=num_warps(blk),
     )
     return q, scale

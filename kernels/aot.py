@@ -83,7 +83,7 @@ def compile_act_quant(target: GPUTarget, *, x_dtype: str, in_scale: bool, bits: 
     blk = act_quant.block_size(k)
     params = dict(x_ptr=f"*{x_dtype}", in_scale_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32",
                   K=k, stride_xm=k, stride_qm=k, clip=1.0)
-    constexprs = dict(QMAX=2 ** (bits - 1) - 1, HAS_IN_SCALE=in_scale, BLOCK=blk)
+    constexprs = dict(QMAX=2 ** (bits - 1) - 1, HAS_IN_SCALE=in_scale, BLOCK=blk, ONE_CHUNK=k <= blk)
     if not in_scale:
         constexprs["in_scale_ptr"] = None
     return _compile(act_quant._quantize_rows_kernel, target, params, constexprs,
@@ -150,7 +150,10 @@ GEMM_VARIANTS = (
     dict(w_bits=8, group_size=128, a_dtype="i8", out_dtype="bf16", in_scale=False, bias=True),
     dict(w_bits=4, group_size=128, a_dtype="bf16", out_dtype="bf16", in_scale=True, bias=False),
 )
-ACT_QUANT_VARIANTS = (dict(x_dtype="bf16", in_scale=True, bits=8), dict(x_dtype="fp16", in_scale=False, bits=8))
+# Rows of one chunk (kept in registers) and of several (read twice).
+ACT_QUANT_VARIANTS = (
+    dict(x_dtype="bf16", in_scale=True, bits=8, k=1536), dict(x_dtype="fp16", in_scale=False, bits=8, k=8960),
+)
 QK_QUANT_VARIANTS = (dict(rows=128, mean=False), dict(rows=64, mean=True))
 ATTENTION_VARIANTS = (
     dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=False),
