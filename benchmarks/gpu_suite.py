@@ -116,8 +116,7 @@ def _w4_strategies(gemm_args: tuple, device: torch.device) -> dict:
         f"ms_{name}": bench_ms(lambda: quant_gemm.quant_gemm(*gemm_args, unpack_first=first), device)
         for name, first in (("in_loop", False), ("unpack_first", True))
     }
-    m = gemm_args[0].shape[0]
-    return dict(timed, strategy="unpack_first" if m >= quant_gemm.UNPACK_MIN_ROWS else "in_loop")
+    return dict(timed, strategy="unpack_first" if quant_gemm.unpacks_first(gemm_args[0].shape[0]) else "in_loop")
 
 
 def w4_strategy_rows(device: torch.device, s: dict) -> list[dict]:
@@ -126,7 +125,7 @@ def w4_strategy_rows(device: torch.device, s: dict) -> list[dict]:
     from qsc import quant
     from qsc.kernels import act_quant
 
-    k, n = s["gemm"][1]
+    k, n = s["gemm"][1]  # the FFN-up shape (1536 x 8960): the largest weight to unpack
     w = torch.randn(n, k, device=device) / k**0.5
     w_t = w.to(s["dtype"]).t()
     scale = quant.weight_scale(w, 4)

@@ -6,8 +6,8 @@ tensor cores, and the unpacking instructions sit between its MMAs: Triton waits 
 wgmma before the next step's integer work, so the two add up. On sm_90 (``qsc.kernels.aot``) the
 256x128x128 main loop issues 322 instructions per thread with in-loop unpacking and 151 on int8
 weights. Unpacking the whole weight first costs one read of its N*K/2 bytes and one write of N*K:
-about 6 us for a 1536 x 8960 layer on an H100, against at least 0.45 ms of int8 MMA work at
-M = 32760. ``quant_gemm`` picks the strategy by M (``UNPACK_MIN_ROWS`` there).
+by the H100's datasheet bandwidth and int8 peak, about 6 us for a 1536 x 8960 layer against at
+least 0.45 ms of int8 MMA work at M = 32760. ``quant_gemm`` picks the strategy by M (``UNPACK_MIN_ROWS`` there).
 
 The int8 weight lives only for the one GEMM: storage and resident weights stay 4-bit.
 Numerics are those of ``qsc.quant.unpack_int4`` exactly (the test asserts equality).

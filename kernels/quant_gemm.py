@@ -79,6 +79,11 @@ MAX_K = 2**31 // (16 * 8 * 128)
 UNPACK_MIN_ROWS = 4096
 
 
+def unpacks_first(m: int) -> bool:
+    """Whether a W4 GEMM of ``m`` rows unpacks its weight to int8 before the main loop."""
+    return m >= UNPACK_MIN_ROWS
+
+
 # Accumulator registers per thread a tile may take. At 128 (a 128x256 int32 tile over 8 warps) the
 # per-channel kernel still fits in 255 registers with its pipelined operands; the per-group kernel
 # keeps two accumulators (the group's int32 one and the float32 total), so each gets half.
@@ -258,7 +263,7 @@ def quant_gemm(
     if a.stride(1) != 1:
         a = a.contiguous()
     qweight = qweight.contiguous().view(torch.int8)  # packed int4 bytes are read as signed
-    if w_bits == 4 and (m >= UNPACK_MIN_ROWS if unpack_first is None else unpack_first):
+    if w_bits == 4 and (unpacks_first(m) if unpack_first is None else unpack_first):
         qweight, w_bits = int4_unpack.unpack_int4(qweight, in_features), 8
     w_scale = w_scale.reshape(n, -1).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)

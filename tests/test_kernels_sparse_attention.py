@@ -98,15 +98,14 @@ def test_two_key_tiles_per_step(density, qk_int8):
     q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=15)
     layout = None if density is None else _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=16)
     residual = randn(b, h, lq, d, seed=17).half()
-    qk_scales = None
+    q_in, k_in, qk_scales = q, k, None
     if qk_int8:
-        q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
+        q_in, q_scales, k_in, k_scales = qk_quant.quantize_qk(q, k)
         qk_scales = (q_scales, k_scales)
     out = kernel.sparse_attention(
-        q, k, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
-        config=kernel._config(128, stages=2, warps=4, key_tiles=2),
+        q_in, k_in, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N,
+        qk_scales=qk_scales, config=kernel._config(128, stages=2, warps=4, key_tiles=2),
     )
-    q, k = _qkv(b, h, lq, lk, d, torch.float16, seed=15)[:2]
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, qk_int8))
 
 
