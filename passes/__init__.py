@@ -1,6 +1,7 @@
 """The compiler passes, one module each, in pipeline order.
 
     insert_observers -> calibrate -> smooth_quant -> quantize_linear
+        -> sparsify_attention -> second_order_reparam
 
 ``REGISTRY`` maps pass names (as used in configs and ``--dump-ir`` file names) to their classes;
 ``pipeline_for(config)`` turns a configuration into the list of passes that implements it.
@@ -15,10 +16,13 @@ from qsc.pipeline import Pass
 from .calibrate import Calibrate
 from .insert_observers import InsertObservers
 from .quantize_linear import QuantizeLinear
+from .second_order_reparam import SecondOrderReparam
 from .smooth_quant import SmoothQuant
+from .sparsify_attention import SparsifyAttention
 
 REGISTRY: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (InsertObservers, Calibrate, SmoothQuant, QuantizeLinear)
+    cls.name: cls
+    for cls in (InsertObservers, Calibrate, SmoothQuant, QuantizeLinear, SparsifyAttention, SecondOrderReparam)
 }
 
 
@@ -28,6 +32,11 @@ def default_pass_names(config: CompileConfig) -> list[str]:
     if config.smooth_quant:
         names.append("smooth_quant")
     names.append("quantize_linear")
+    # Attention is sparsified on the quantized graph: the layouts fit the model as it will run.
+    if config.density < 1.0:
+        names.append("sparsify_attention")
+        if config.ssar_tau:
+            names.append("second_order_reparam")
     return names
 
 

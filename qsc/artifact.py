@@ -1,8 +1,10 @@
 """The deployable artifact: a directory ``NAME.qsc/``.
 
     program.pt2           the compressed program (torch.export.save), weights left out
+    refresh.pt2           with SSAR only: the dense refresh program over the same weights
     weights.safetensors   every weight of the program: packed codes, scales, float leftovers
-    manifest.json         versions, source, config, per-layer quantization, sizes, hashes, metrics
+    manifest.json         versions, source, config, per-layer quantization and sparsity, sizes,
+                          hashes, metrics
 
 Weights live only in the safetensors file (mmap-able, no pickle): the program is saved with
 one-element placeholders in their place, and ``load`` puts the real ones back after checking the hashes.
@@ -22,11 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import backends
+from .config import CompileConfig
 from .errors import InputError
+from .runtime import SSARRuntime
 from .fsutil import atomic_directory
 
 FORMAT = "qsc-artifact/1"
 PROGRAM = "program.pt2"
+REFRESH = "refresh.pt2"
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 _CONSTANT = "constant::"  # prefix of program constants (non-persistent buffers) in WEIGHTS
@@ -37,14 +42,17 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
     import qsc
 
     path = Path(path)
-    program = result.program
-    weights = _program_weights(program)
+    programs = {PROGRAM: result.program}
+    if result.refresh_program is not None:
+        programs[REFRESH] = result.refresh_program
+    weights = _program_weights(result.program)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / WEIGHTS))
         with warnings.catch_warnings():
             # The placeholders share no storage, which the archive writer notes for every one.
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(_without_weights(program), tmp / PROGRAM)
+            for name, program in programs.items():
+                torch.export.save(_without_weights(program), tmp / name)
         manifest = {
             "format": FORMAT,
             "versions": {"qsc": qsc.__version__, "torch": torch.__version__.split("+")[0]},
@@ -53,16 +61,18 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
             "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in result.example_inputs.items()},
             "layers": result.layers,
+            "attention": result.attention,
             "sizes": result.sizes,
             "metrics": result.metrics,
-            "files": {name: _sha256(tmp / name) for name in (PROGRAM, WEIGHTS)},
+            "files": {name: _sha256(tmp / name) for name in (*programs, WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 
 class CompressedModule(torch.nn.Module):
-    """A loaded artifact: call it with the model's keyword inputs; ``.manifest`` says what it is."""
+    """A loaded artifact: call it with the model's keyword inputs; ``.manifest`` says what it is.
+    With SSAR, ``program`` is a ``qsc.runtime.SSARRuntime``: call ``reset()`` between videos."""
 
     def __init__(self, program_module: torch.nn.Module, manifest: dict[str, Any], backend: str):
         super().__init__()
@@ -72,6 +82,11 @@ class CompressedModule(torch.nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.program(**inputs)
+
+    def reset(self) -> None:
+        """Forget state carried across denoising steps (SSAR's caches); a no-op without it."""
+        if isinstance(self.program, SSARRuntime):
+            self.program.reset()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -97,11 +112,28 @@ def load(path: str | Path, *, backend: str = "auto") -> CompressedModule:
             raise InputError(f"{path}: {name} is missing")
         if _sha256(path / name) != digest:
             raise InputError(f"{path}: {name} does not match the hash in {MANIFEST} (corrupt or modified)")
-    program = torch.export.load(path / PROGRAM)
-    _restore_weights(program, load_file(str(path / WEIGHTS)), path)
+    # Copies into fresh (64-byte aligned) allocations: safetensors' buffers sit at arbitrary file
+    # offsets, and CPU GEMM kernels round differently on unaligned data, which would break the
+    # bit-for-bit equality of the loaded artifact with the compiled program. The step and refresh
+    # programs share these tensors.
+    weights = {k: v.clone() for k, v in load_file(str(path / WEIGHTS)).items()}
+    programs = {}
+    for name in (PROGRAM, REFRESH):
+        if name in manifest["files"]:
+            programs[name] = torch.export.load(path / name)
+            _restore_weights(programs[name], weights, path / name)
     backend = backends.best_available() if backend == "auto" else backend
     backends.enable(backend)
-    return CompressedModule(program.module(), manifest, backend).requires_grad_(False)
+    if REFRESH in programs:
+        module = SSARRuntime.of(programs[PROGRAM], programs[REFRESH], CompileConfig(**_config_fields(manifest)))
+    else:
+        module = programs[PROGRAM].module()
+    return CompressedModule(module, manifest, backend).requires_grad_(False)
+
+
+def _config_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's config as ``CompileConfig`` arguments (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"].items()}
 
 
 def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -143,11 +175,7 @@ def _restore_weights(program: torch.export.ExportedProgram, weights: dict[str, t
     }
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise InputError(f"{path / WEIGHTS} does not fit {PROGRAM}: missing {missing[:5]}, unexpected {extra[:5]}")
-    # Copies into fresh (64-byte aligned) allocations: safetensors' buffers sit at arbitrary file
-    # offsets, and CPU GEMM kernels round differently on unaligned data, which would break the
-    # bit-for-bit equality of the loaded artifact with the compiled program.
-    weights = {k: v.clone() for k, v in weights.items()}
+        raise InputError(f"{WEIGHTS} does not fit {path}: missing {missing[:5]}, unexpected {extra[:5]}")
     for k, old in program.state_dict.items():
         w = weights[k]
         program.state_dict[k] = torch.nn.Parameter(w, requires_grad=False) if isinstance(old, torch.nn.Parameter) else w

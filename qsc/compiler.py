@@ -28,9 +28,11 @@ from .frontend import (
     match_program_inputs,
     model_dtype,
 )
+from .graph import state_inputs
 from .instruments import DumpIR, NumericCheck, Timing
 from .models import synthetic_calibration
 from .pipeline import PassContext, PassManager, Progress, no_progress
+from .runtime import SSARRuntime
 
 
 # Sampler trajectories recorded for the bundled model when no calibration file is given: every step
@@ -46,10 +48,12 @@ class CompileResult:
     source: dict[str, Any]
     example_inputs: dict[str, torch.Tensor]
     layers: dict[str, dict[str, Any]]  # per quantized layer: bits, group, bytes
+    attention: dict[str, dict[str, Any]]  # per sparsified attention layer: tiles, density
     pass_log: list[dict[str, Any]]
     sizes: dict[str, int | float]
     metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample
     seconds: float = 0.0
+    refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         from .artifact import save_artifact
@@ -90,19 +94,25 @@ def compile(
     backends.enable(cfg.backend)
 
     from qsc.passes import pipeline_for
+    from qsc.passes.second_order_reparam import refresh_graph
 
     gm = PassManager(pipeline_for(cfg), instruments).run(_working_copy(teacher), ctx)
-    program = _reexport(gm, sample)
+    # State the program threads (SSAR's caches) is zero at the first step: sparse, uncorrected.
+    state = state_inputs(gm, sample)
+    program = _reexport(gm, {**sample, **state})
     module = program.module().requires_grad_(False)
     with torch.no_grad():
-        out = module(**sample)
+        out = module(**sample, **state)
+    refresh_program = _reexport(refresh_graph(gm), sample) if "ssar_caches" in ctx.analyses else None
     return CompileResult(
-        module=module,
+        module=module if refresh_program is None else SSARRuntime.of(program, refresh_program, cfg),
         program=program,
+        refresh_program=refresh_program,
         config=cfg,
         source=source.description,
         example_inputs=sample,
         layers=ctx.analyses.get("quantized_layers", {}),
+        attention=ctx.analyses.get("attention_layouts", {}),
         pass_log=ctx.pass_log,
         sizes=_sizes(teacher, module),
         metrics=output_metrics(out, fp_out),

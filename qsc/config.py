@@ -45,6 +45,15 @@ class CompileConfig:
     weight_only_bits: int = 8  # the other linears: int weights, float activations (0 = keep float)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes: linears never quantized
     calib_samples: int = 16  # calibration samples used (the first N of the set)
+    # Attention sparsity: the fraction of 128-query x 64-key tiles each self-attention computes
+    # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
+    density: float = 1.0
+    dense_attention: tuple[str, ...] = ()
+    # SSAR: a dense refresh every ``ssar_tau`` denoising steps (0 = no residual correction), the
+    # rank of the SVD that denoises the second-order residual, and leading steps kept all dense.
+    ssar_tau: int = 0
+    ssar_rank: int = 16
+    dense_steps: int = 0
     seed: int = 0
     backend: str = "reference"
     passes: tuple[str, ...] = ()  # explicit pipeline; empty = derived from the fields above
@@ -64,6 +73,14 @@ class CompileConfig:
             raise ConfigError(f"smooth_alpha must be {AUTO_ALPHA!r} or a number in [0, 1], got {alpha!r}")
         if self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1] (1 = dense attention), got {self.density}")
+        if self.ssar_tau < 0 or self.ssar_rank < 0 or self.dense_steps < 0:
+            raise ConfigError(
+                f"ssar_tau, ssar_rank and dense_steps must be >= 0, got {self.ssar_tau}, {self.ssar_rank}, {self.dense_steps}"
+            )
+        if self.ssar_tau and self.density == 1.0:
+            raise ConfigError("ssar_tau > 0 corrects sparse attention: set density below 1 (or ssar_tau = 0)")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: choose one of {BACKENDS}")
 
@@ -79,6 +96,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a8": dict(w_bits=4, a_bits=8),
     "w4a6": dict(w_bits=4, a_bits=6),
     "w4a4": dict(w_bits=4, a_bits=4),
+    # QuantSparse's setting: W4A8, 15% attention tiles, a dense SSAR refresh every 5 steps.
+    "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=5),
     "w8a16": dict(w_bits=8, a_bits=16, smooth_quant=False),
     "w4a16": dict(w_bits=4, a_bits=16, smooth_quant=False),
 }

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import fx
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
 
 ADAPTER_PREFIX = "model."
 aten = torch.ops.aten
@@ -67,6 +69,69 @@ class LayerFilter:
 def quantizable_linears(gm: fx.GraphModule, include: Sequence[str], exclude: Sequence[str]) -> list[LinearSite]:
     keep = LayerFilter(include, exclude)
     return [s for s in linear_sites(gm) if keep(s.layer)]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention ``aten.scaled_dot_product_attention``: no mask, no dropout, not causal,
+    queries and keys of the same length (cross-attention to text stays as it is)."""
+
+    node: fx.Node
+    layer: str  # user-facing module path, e.g. ``blocks.0.attn1``
+
+    @property
+    def scale(self) -> float | None:
+        return self.node.kwargs.get("scale")
+
+
+def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+            continue
+        q, k, v, *rest = node.args
+        mask, dropout, causal = (list(rest) + [None, 0.0, False])[:3]
+        if mask is not None or dropout or causal or node.kwargs.get("enable_gqa"):
+            continue
+        q_shape, k_shape = q.meta["val"].shape, k.meta["val"].shape
+        if q_shape[:-1] != k_shape[:-1]:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else node.name
+        sites.append(AttentionSite(node, owner.removeprefix(ADAPTER_PREFIX)))
+    return sites
+
+
+def add_input(gm: fx.GraphModule, name: str, like: torch.Tensor) -> fx.Node:
+    """A new keyword input ``name`` of the program, shaped like ``like``, after the existing ones."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = torch.empty(like.shape, dtype=like.dtype, device="meta")
+    set_signature(gm)
+    return node
+
+
+def set_signature(gm: fx.GraphModule, out_spec: pytree.TreeSpec | None = None) -> None:
+    """Make the program's calling convention match its graph again after inputs or outputs changed:
+    one keyword argument per placeholder, and ``out_spec`` (kept when None) for the outputs."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    in_spec = pytree.tree_structure(((), dict.fromkeys(names, 0)))
+    out_spec = out_spec or gm.graph._codegen.pytree_info.out_spec
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
+    gm._in_spec, gm._out_spec = in_spec, out_spec
+    gm.recompile()
+
+
+def state_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The graph's inputs beyond the model's own (state a runtime threads through, such as SSAR's
+    residual caches), as zeros: the value that means "no state yet"."""
+    device = next(iter(inputs.values())).device
+    return {
+        n.target: torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and n.target not in inputs
+    }
 
 
 def register_buffer(gm: fx.GraphModule, owner_target: str, name: str, value: torch.Tensor) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from .graph import state_inputs
 from .metrics import relative_l2
 from .pipeline import Pass, PassContext, PassInstrument, PassResult
 
@@ -75,6 +76,7 @@ class NumericCheck(PassInstrument):
         self.reference = reference
 
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext) -> None:
+        gm = result.graph_module
         with torch.no_grad():
-            out = result.graph_module(**self.sample)
+            out = gm(**self.sample, **state_inputs(gm, self.sample))
         ctx.pass_log[-1]["rel_l2_vs_fp"] = relative_l2(out, self.reference)

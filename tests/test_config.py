@@ -9,7 +9,7 @@ from qsc.errors import ConfigError
 def test_presets_set_bits():
     for name in PRESETS:
         cfg = resolve_config(name)
-        assert f"w{cfg.w_bits}a{cfg.a_bits}" == name
+        assert f"w{cfg.w_bits}a{cfg.a_bits}" == name.partition("-")[0]
 
 
 def test_file_then_overrides(tmp_path):
@@ -34,6 +34,9 @@ def test_file_then_overrides(tmp_path):
     (["bits=4"], "unknown setting 'bits'"),
     (["backend=cuda"], "unknown backend"),
     (["a_bits"], "KEY=VALUE"),
+    (["density=0"], "density must be in \\(0, 1\\]"),
+    (["ssar_tau=5"], "ssar_tau > 0 corrects sparse attention: set density below 1"),
+    (["density=0.2", "ssar_rank=-1"], "must be >= 0"),
 ])
 def test_bad_values_are_named(pairs, message):
     with pytest.raises(ConfigError, match=message):

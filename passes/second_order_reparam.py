@@ -1,0 +1,81 @@
+"""Pass ``second_order_reparam`` (SSAR): sparse attention gets a cached residual, threaded as state.
+
+Every ``qsc::sparse_attention`` of a sparsified layer takes one more program input, its residual
+cache ``ssar_<layer>`` (``[B, H, L, D]``, the op's ``residual``), which the kernel adds in its
+epilogue. The program so rewritten is the *step* program, run at sparse steps.
+
+``refresh_graph`` derives the *refresh* program from it, run every ``tau``-th step: each such
+attention computes dense and sparse attention, continues with the dense output, and returns the
+first-order residual ``D = O_dense - O_sparse`` as an extra output. ``qsc.runtime.SSARRuntime``
+owns the caches and the step counter, and turns the residuals into caches
+(``D + low_rank(D - D_previous)``). The caches never hide in the program: they are inputs and
+outputs, the same in the exported program, ONNX and a TensorRT engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from qsc.graph import add_input, finalize, set_signature
+from qsc.pipeline import Pass, PassContext, PassResult
+
+from .sparsify_attention import LAYER_META, sparse_attention_nodes
+
+CACHE_PREFIX = "ssar_"
+sparse_attention = torch.ops.qsc.sparse_attention.default
+
+
+def cache_name(layer: str) -> str:
+    return CACHE_PREFIX + layer.replace(".", "_")
+
+
+class SecondOrderReparam(Pass):
+    name = "second_order_reparam"
+    requires = ("attention_layouts",)
+    produces = ("ssar_caches",)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        caches = {}
+        for node in sparse_attention_nodes(gm.graph):
+            layer = node.meta[LAYER_META]
+            name = cache_name(layer)
+            cache = add_input(gm, name, node.meta["val"])
+            node.kwargs = {**node.kwargs, "residual": cache}
+            caches[name] = layer
+        ctx.analyses["ssar_caches"] = caches
+        return PassResult(finalize(gm), modified=bool(caches))
+
+
+def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
+    """The refresh program of a step program: same inputs minus the caches; outputs
+    ``(output, {cache name: D})``. Shares every weight with ``step``."""
+    graph = copy.deepcopy(step.graph)
+    residuals = {}
+    for node in sparse_attention_nodes(graph):
+        cache = node.kwargs["residual"]
+        with graph.inserting_before(node):
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "residual"}
+            dense = graph.call_function(sparse_attention, (*node.args[:3], None), kwargs)
+            sparse = graph.call_function(sparse_attention, node.args, kwargs)
+            residual = graph.call_function(torch.ops.aten.sub.Tensor, (dense, sparse))
+        sparse.meta = dict(node.meta)
+        dense.meta = residual.meta = {k: v for k, v in node.meta.items() if k != LAYER_META}
+        node.replace_all_uses_with(dense)
+        graph.erase_node(node)
+        graph.erase_node(cache)
+        residuals[cache.target] = residual
+    output = graph.output_node()
+    (out,) = output.args[0]
+    output.args = ((out, *residuals.values()),)
+    refresh = fx.GraphModule(step, graph)
+    # GraphModule re-registers every buffer it copies as persistent; the step program's constants
+    # (non-persistent buffers, such as RoPE tables) must stay constants for the two to share weights.
+    for path, module in step.named_modules():
+        for name in module._non_persistent_buffers_set:
+            refresh.get_submodule(path)._non_persistent_buffers_set.add(name)
+    set_signature(refresh, pytree.tree_structure((0, dict.fromkeys(residuals, 0))))
+    return finalize(refresh)

@@ -1,0 +1,141 @@
+"""Pass ``sparsify_attention``: self-attention becomes block-sparse attention at ``config.density``.
+
+The tiles are those of the kernel: 128 queries x 64 keys. For every attention layer and head, the
+calibration samples measure how much softmax probability each tile carries (``TileMass``: the
+attention of up to ``ROWS_PER_TILE`` evenly spaced query rows of each query tile, summed per key
+tile, averaged over rows and samples). Each query tile then keeps its heaviest key tiles, the same
+number for every query tile (``round(density * key_tiles)``, at least one), so the computed
+fraction of tiles is the density and every query tile costs the same in the kernel.
+
+A video DiT's heads are local in space (a band around the diagonal in frame-major token order) or
+in time (the same position across frames: bands one frame apart); the measured mass finds either
+shape, and mixtures, without being told the frame layout. The layout is static: a bool buffer of
+the program, the same at every step (SSAR's residual makes up for what it drops).
+
+Each rewritten ``aten.scaled_dot_product_attention`` becomes ``qsc::sparse_attention(q, k, v,
+layout)``. Layers matching ``config.dense_attention`` stay dense. Produces ``attention_layouts``:
+per layer, the layout's shape and its density.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from qsc.backends.reference import SPARSE_BLOCK_M, SPARSE_BLOCK_N
+from qsc.errors import CalibrationError
+from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, attention_sites, finalize, register_buffer
+from qsc.pipeline import Pass, PassContext, PassResult
+
+ROWS_PER_TILE = 32  # query rows of a tile whose attention is measured: enough to rank key tiles
+LAYER_META = "qsc_attention_layer"  # node meta of each block-sparse attention: its layer path
+TILES_PER_CHUNK = 16  # query tiles measured at once: bounds the probabilities held to 512 rows x L
+
+
+class TileMass:
+    """Softmax probability per (head, query tile, key tile), averaged over the calls it has seen."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.calls = 0
+
+    def add(self, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
+        b, h, length, d = q.shape
+        scale = d**-0.5 if scale is None else scale
+        tiles_m, tiles_n = math.ceil(length / SPARSE_BLOCK_M), math.ceil(length / SPARSE_BLOCK_N)
+        rows = _measured_rows(length)  # [tiles_m, ROWS]
+        kf = k.float()
+        mass = torch.zeros(h, tiles_m, tiles_n, dtype=torch.float64, device=q.device)
+        for chunk in rows.split(TILES_PER_CHUNK):
+            qs = q[:, :, chunk.flatten().to(q.device)].float()  # [B, H, n * ROWS, D]
+            p = torch.softmax(qs @ kf.transpose(-1, -2) * scale, dim=-1)
+            p = torch.nn.functional.pad(p, (0, tiles_n * SPARSE_BLOCK_N - length))
+            p = p.reshape(b, h, chunk.shape[0], chunk.shape[1], tiles_n, SPARSE_BLOCK_N).sum(-1)
+            start = int(chunk[0, 0]) // SPARSE_BLOCK_M
+            mass[:, start : start + chunk.shape[0]] += p.mean(dim=(0, 3)).double()
+        self.total = mass if self.total is None else self.total + mass
+        self.calls += 1
+
+    def layout(self, density: float) -> torch.Tensor:
+        """Bool ``[H, tiles_m, tiles_n]``: each query tile's ``round(density * tiles_n)`` heaviest key tiles."""
+        mass = self.total / self.calls
+        keep = max(1, round(density * mass.shape[-1]))
+        # Ties (equal mass) break by tile index, so the layout is the same on every run.
+        chosen = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :keep]
+        return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True).cpu()
+
+
+def _measured_rows(length: int) -> torch.Tensor:
+    """``[tiles_m, ROWS_PER_TILE]`` query indices: evenly spaced rows of each 128-query tile."""
+    tiles = []
+    for start in range(0, length, SPARSE_BLOCK_M):
+        size = min(SPARSE_BLOCK_M, length - start)
+        tiles.append(start + torch.linspace(0, size - 1, ROWS_PER_TILE).round().long())
+    return torch.stack(tiles)
+
+
+class _Profiler(fx.Interpreter):
+    """Runs the graph and feeds the q and k of the chosen attention nodes to their ``TileMass``."""
+
+    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, TileMass]):
+        super().__init__(gm)
+        self.sites = sites
+
+    def run_node(self, n: fx.Node):
+        if n in self.sites:
+            q, k, _ = (self.env[a] for a in n.args[:3])
+            self.sites[n].add(q, k, n.kwargs.get("scale"))
+        return super().run_node(n)
+
+
+class SparsifyAttention(Pass):
+    name = "sparsify_attention"
+    requires = ("calibration",)
+    produces = ("attention_layouts",)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        keep_dense = LayerFilter(ctx.config.dense_attention, ()) if ctx.config.dense_attention else None
+        sites = [s for s in attention_sites(gm) if keep_dense is None or not keep_dense(s.layer)]
+        masses = {s.node: TileMass() for s in sites}
+        samples = ctx.calibration_samples()
+        with torch.no_grad():
+            for sample in ctx.progress(samples, "measuring attention", total=len(samples)):
+                _Profiler(gm, masses).run(*(sample[n.target] for n in gm.graph.find_nodes(op="placeholder")))
+        layouts = {}
+        for site in sites:
+            with at_node(site.node):
+                mass = masses[site.node]
+                if mass.calls == 0:
+                    raise CalibrationError(f"attention layer '{site.layer}' was never executed by the calibration samples")
+                layout = mass.layout(ctx.config.density)
+                _replace(gm, site, layout)
+                layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item()}
+        ctx.analyses["attention_layouts"] = layouts
+        return PassResult(finalize(gm), modified=bool(layouts))
+
+
+def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> None:
+    owner = ADAPTER_PREFIX + site.layer
+    try:
+        target = register_buffer(gm, owner, "attn_layout", layout)
+    except AttributeError:  # the layer has no module of its own in the graph: keep it on the root
+        target = f"{site.node.name}_layout"
+        gm.register_buffer(target, layout)
+    q, k, v = site.node.args[:3]
+    with gm.graph.inserting_before(site.node):
+        sparse = gm.graph.call_function(
+            torch.ops.qsc.sparse_attention.default,
+            (q, k, v, gm.graph.get_attr(target)),
+            {"scale": site.scale} if site.scale is not None else {},
+        )
+    sparse.meta = {**site.node.meta, LAYER_META: site.layer}
+    site.node.replace_all_uses_with(sparse)
+    gm.graph.erase_node(site.node)
+
+
+def sparse_attention_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The block-sparse attentions this pass made, in graph order."""
+    return [n for n in graph.find_nodes(op="call_function", target=torch.ops.qsc.sparse_attention.default)
+            if LAYER_META in n.meta]

@@ -1,0 +1,110 @@
+"""State across denoising steps: the SSAR runtime that threads the residual caches.
+
+A program compiled with SSAR (``second_order_reparam``) comes as two programs over the same
+weights: the *step* program (sparse attention plus a cached residual per layer, given as inputs)
+and the *refresh* program (dense attention; returns the first-order residuals
+``D = O_dense - O_sparse`` per layer). ``SSARRuntime`` owns the caches and the step counter, runs
+the refresh program every ``tau``-th step and the step program in between, and turns residuals
+into caches by the second-order rule of QuantSparse:
+
+    cache = D(t_ref) + low_rank(D(t_ref) - D(t_ref_previous))
+
+(first order, ``cache = D``, at the first refresh). The caches are explicit inputs and outputs of
+the programs; nothing here is hidden in them.
+
+Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
+before are further branches of the same step (the conditional and unconditional calls of
+classifier-free guidance), each with caches of its own; a new timestep is the next step; a higher
+noise level than the last one starts a new trajectory (as ``reset()`` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CompileConfig
+
+TIMESTEP_INPUT = "timestep"
+
+
+@dataclass(frozen=True)
+class SSARSchedule:
+    tau: int  # a refresh every tau steps
+    rank: int  # rank of the SVD that denoises D(t_ref) - D(t_ref_previous); 0 = not denoised
+    dense_steps: int = 0  # leading steps that all refresh (dense attention)
+
+    def refreshes(self, step: int) -> bool:
+        return step < self.dense_steps or (step - self.dense_steps) % self.tau == 0
+
+
+def low_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank-``rank`` truncated SVD of every head's ``[L, D]`` matrix of ``x`` ``[B, H, L, D]``."""
+    if rank == 0 or rank >= min(x.shape[-2:]):
+        return x
+    u, s, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    return ((u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]).to(x.dtype)
+
+
+def second_order_cache(residual: torch.Tensor, previous: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """The correction a layer adds to its sparse attention until the next refresh."""
+    if previous is None:
+        return residual
+    return residual + low_rank(residual - previous, rank)
+
+
+@dataclass
+class _Branch:
+    """One stream of calls (e.g. the conditional branch of guidance): its caches and last residuals."""
+
+    caches: dict[str, torch.Tensor] = field(default_factory=dict)
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def refresh(self, residuals: dict[str, torch.Tensor], rank: int) -> None:
+        self.caches = {k: second_order_cache(d, self.residuals.get(k), rank) for k, d in residuals.items()}
+        self.residuals = residuals
+
+
+class SSARRuntime(torch.nn.Module):
+    """Call it like the model, once per denoiser call of a sampling loop; ``reset()`` between videos."""
+
+    def __init__(self, step: torch.nn.Module, refresh: torch.nn.Module, schedule: SSARSchedule):
+        super().__init__()
+        self.step_program = step
+        self.refresh_program = refresh
+        self.schedule = schedule
+        self.reset()
+
+    @classmethod
+    def of(cls, step: torch.export.ExportedProgram, refresh: torch.export.ExportedProgram, config: CompileConfig) -> "SSARRuntime":
+        """The runtime of a compiled pair of programs, with the schedule of their configuration."""
+        schedule = SSARSchedule(config.ssar_tau, config.ssar_rank, config.dense_steps)
+        return cls(step.module(), refresh.module(), schedule).requires_grad_(False)
+
+    def reset(self) -> None:
+        self.step_index = -1
+        self._branch = 0
+        self._branches: list[_Branch] = []
+        self._last_timestep: float | None = None
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        branch = self._advance(inputs.get(TIMESTEP_INPUT))
+        if self.schedule.refreshes(self.step_index) or not branch.caches:
+            out, residuals = self.refresh_program(**inputs)
+            branch.refresh(residuals, self.schedule.rank)
+            return out
+        return self.step_program(**inputs, **branch.caches)
+
+    def _advance(self, timestep: torch.Tensor | None) -> _Branch:
+        t = None if timestep is None else float(timestep.detach().flatten()[0])
+        if t is not None and self._last_timestep is not None and t > self._last_timestep:
+            self.reset()  # the noise level went up: a new trajectory
+        if t is not None and t == self._last_timestep:
+            self._branch += 1
+        else:
+            self.step_index, self._branch = self.step_index + 1, 0
+        self._last_timestep = t
+        while len(self._branches) <= self._branch:
+            self._branches.append(_Branch())
+        return self._branches[self._branch]

@@ -1,0 +1,236 @@
+"""Attention sparsification and SSAR: layouts from measured attention, the step/refresh programs,
+the runtime that threads the residual caches, and the artifact that carries both programs."""
+
+import pytest
+import torch
+
+import qsc
+from qsc.calibration import CalibrationSet
+from qsc.errors import ConfigError
+from qsc.frontend import DenoiserAdapter
+from qsc.passes.sparsify_attention import TileMass
+from qsc.runtime import SSARRuntime, SSARSchedule, low_rank, second_order_cache
+
+from tiny_models import tiny_model
+
+aten, qsc_ops = torch.ops.aten, torch.ops.qsc
+
+
+def _ops(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+# --- Layouts from measured attention -------------------------------------------------------------
+
+def _tokens(frames: int, positions: int, d: int, by: str) -> torch.Tensor:
+    """Frame-major tokens whose keys match the queries of the same position (``by="position"``:
+    temporal heads) or of the same frame and nearby position (``"frame"``: spatial heads)."""
+    g = torch.Generator().manual_seed(0)
+    if by == "position":
+        per_position = torch.randn(positions, d, generator=g)
+        x = per_position.repeat(frames, 1)
+    else:
+        x = torch.randn(frames * positions, d, generator=g)
+    return (x * 4)[None, None]  # [1, 1, L, d], sharp softmax
+
+
+def test_spatial_head_keeps_the_diagonal_tiles():
+    q = k = _tokens(4, 256, 32, by="frame")  # attention of every token is on itself
+    mass = TileMass()
+    mass.add(q, k, None)
+    layout = mass.layout(0.125)[0]  # 16 key tiles of 64: keep 2 per query tile of 128
+    assert layout.shape == (8, 16)
+    assert (layout.sum(-1) == 2).all()
+    for i in range(8):
+        assert layout[i, 2 * i] and layout[i, 2 * i + 1], layout[i]
+
+
+def test_temporal_head_keeps_the_same_position_in_every_frame():
+    q = k = _tokens(4, 256, 32, by="position")  # a token attends its position in all 4 frames
+    mass = TileMass()
+    mass.add(q, k, None)
+    layout = mass.layout(0.5)[0]  # keep 8 of 16 key tiles
+    for i in range(8):
+        position_tiles = {(2 * i) % 4 + 4 * f for f in range(4)} | {(2 * i + 1) % 4 + 4 * f for f in range(4)}
+        assert set(torch.nonzero(layout[i]).flatten().tolist()) == position_tiles
+
+
+def test_layout_handles_a_ragged_last_tile_and_keeps_at_least_one_tile():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 200, 16, generator=g), torch.randn(2, 3, 200, 16, generator=g)
+    mass = TileMass()
+    mass.add(q, k, 0.3)
+    mass.add(k, q, 0.3)
+    layout = mass.layout(0.01)
+    assert layout.shape == (3, 2, 4) and layout.dtype == torch.bool
+    assert (layout.sum(-1) == 1).all()  # round(0.04) = 0 tiles would leave rows empty: one is kept
+    # Each row keeps its heaviest tile.
+    assert torch.equal(layout.float().argmax(-1), (mass.total / mass.calls).argmax(-1).cpu())
+
+
+# --- The pass on a model ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan():
+    """The tiny Wan at 2 frames of 8 x 16 patches: 256 tokens, 2 query tiles x 4 key tiles."""
+    model = tiny_model("wan")
+    g = torch.Generator().manual_seed(0)
+    samples = [{
+        "hidden_states": torch.randn(1, 4, 2, 16, 32, generator=g),
+        "timestep": torch.tensor([t]),
+        "encoder_hidden_states": torch.randn(1, 16, 32, generator=g),
+    } for t in (900, 500)]
+    with torch.no_grad():
+        outputs = [DenoiserAdapter(model)(**s) for s in samples]
+    return model, CalibrationSet.from_samples(samples, outputs=outputs)
+
+
+def _compile(wan, **config):
+    model, calib = wan
+    return qsc.compile(model, calib, preset="w8a8", config={"calib_samples": 2, **config})
+
+
+def test_self_attention_becomes_block_sparse_and_cross_attention_stays(wan):
+    result = _compile(wan, density=0.5)
+    gm = result.program.graph_module
+    sparse = _ops(gm, qsc_ops.sparse_attention.default)
+    assert len(sparse) == 2 and len(_ops(gm, aten.scaled_dot_product_attention.default)) == 2  # attn2
+    assert set(result.attention) == {"blocks.0.attn1", "blocks.1.attn1"}
+    for info in result.attention.values():
+        assert info == {"tiles": [2, 2, 4], "density": 0.5}
+    layout = result.program.state_dict["model.blocks.0.attn1.attn_layout"]
+    assert layout.dtype == torch.bool and (layout.sum(-1) == 2).all()
+    assert result.metrics["rel_l2"] > _compile(wan).metrics["rel_l2"]  # dropping tiles costs accuracy
+
+
+def test_keeping_every_tile_is_the_dense_program(wan):
+    """At a density that keeps all tiles the rewrite changes nothing but the op that computes it."""
+    dense, full = _compile(wan), _compile(wan, density=0.99)
+    assert _ops(full.program.graph_module, qsc_ops.sparse_attention.default)
+    sample = wan[1].sample(0)
+    with torch.no_grad():
+        torch.testing.assert_close(full.module(**sample), dense.module(**sample), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_attention_setting_keeps_a_layer_dense(wan):
+    result = _compile(wan, density=0.5, dense_attention=[r"^blocks\.0\."])
+    assert set(result.attention) == {"blocks.1.attn1"}
+
+
+# --- SSAR: programs and runtime --------------------------------------------------------------------
+
+def test_a_step_with_the_residual_of_its_own_input_is_the_dense_output(wan):
+    """Refresh: O_dense, and D = O_dense - O_sparse per layer. A sparse step on the same input with
+    the first-order cache D must give O_dense back: sparse attention + D is dense attention."""
+    result = _compile(wan, density=0.25, ssar_tau=5)
+    runtime = result.module
+    assert isinstance(runtime, SSARRuntime)
+    sample = wan[1].sample(0)
+    with torch.no_grad():
+        dense_out, residuals = runtime.refresh_program(**sample)
+        assert set(residuals) == {"ssar_blocks_0_attn1", "ssar_blocks_1_attn1"}
+        assert all(r.abs().max() > 0 for r in residuals.values())
+        corrected = runtime.step_program(**sample, **residuals)
+        uncorrected = runtime.step_program(**sample, **{k: torch.zeros_like(r) for k, r in residuals.items()})
+    torch.testing.assert_close(corrected, dense_out, rtol=1e-4, atol=1e-5)
+    assert (uncorrected - dense_out).abs().max() > 100 * (corrected - dense_out).abs().max()
+    # The step program takes the caches as inputs; the refresh program returns them.
+    assert [s.arg.name for s in result.program.graph_signature.input_specs if s.arg.name.startswith("ssar_")]
+    assert len(result.refresh_program.graph_signature.user_outputs) == 3
+
+
+class _Recorder(torch.nn.Module):
+    """Stand-in programs that log which one ran, with the caches they were given."""
+
+    def __init__(self, log, kind):
+        super().__init__()
+        self.log, self.kind = log, kind
+
+    def forward(self, **inputs):
+        t = float(inputs["timestep"])
+        if self.kind == "refresh":
+            self.log.append(("refresh", t))
+            return torch.tensor(t), {"ssar_a": torch.full((1, 1, 4, 2), t)}
+        self.log.append(("step", t, float(inputs["ssar_a"][0, 0, 0, 0])))
+        return torch.tensor(t)
+
+
+def _runtime(tau=3, dense_steps=0):
+    log = []
+    return SSARRuntime(_Recorder(log, "step"), _Recorder(log, "refresh"), SSARSchedule(tau, 0, dense_steps)), log
+
+
+def test_runtime_refreshes_every_tau_steps_with_first_then_second_order_caches():
+    runtime, log = _runtime(tau=3)
+    for t in (900, 800, 700, 600, 500, 400, 300):
+        runtime(timestep=torch.tensor([t]))
+    assert log == [
+        ("refresh", 900), ("step", 800, 900), ("step", 700, 900),  # first refresh: first order, D
+        ("refresh", 600), ("step", 500, 300), ("step", 400, 300),  # D + (D - D_prev) = 600 - 300
+        ("refresh", 300),
+    ]
+
+
+def test_guidance_branches_keep_caches_of_their_own_and_a_new_video_resets():
+    runtime, log = _runtime(tau=2)
+    for t in (900, 900, 800, 800):  # conditional and unconditional call per step
+        runtime(timestep=torch.tensor([t]))
+    assert log == [("refresh", 900), ("refresh", 900), ("step", 800, 900), ("step", 800, 900)]
+    assert runtime.step_index == 1
+    runtime(timestep=torch.tensor([1000]))  # noise level up: the next video
+    assert runtime.step_index == 0 and log[-1] == ("refresh", 1000)
+
+
+def test_dense_steps_all_refresh():
+    runtime, log = _runtime(tau=3, dense_steps=2)
+    for t in (900, 800, 700, 600, 500):
+        runtime(timestep=torch.tensor([t]))
+    assert [entry[0] for entry in log] == ["refresh", "refresh", "refresh", "step", "step"]
+
+
+def test_second_order_cache_adds_the_denoised_change_of_the_residual():
+    g = torch.Generator().manual_seed(0)
+    d, prev = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    assert torch.equal(second_order_cache(d, None, 4), d)
+    assert torch.allclose(second_order_cache(d, prev, 0), 2 * d - prev)
+    approx = low_rank(d - prev, 4)
+    assert torch.allclose(second_order_cache(d, prev, 4), d + approx)
+    # Per head: rank 4, and the best rank-4 approximation (Eckart-Young: the error is the tail).
+    assert (torch.linalg.matrix_rank(approx) == 4).all()
+    s = torch.linalg.svdvals(d - prev)
+    err = torch.linalg.matrix_norm(d - prev - approx)
+    torch.testing.assert_close(err, s[..., 4:].square().sum(-1).sqrt(), rtol=1e-4, atol=1e-5)
+
+
+# --- Presets, artifact, determinism ----------------------------------------------------------------
+
+def test_sparse_preset_artifact_round_trip_over_a_trajectory(wan, tmp_path):
+    result = _compile(wan, density=0.25, ssar_tau=2)
+    loaded = qsc.load(result.save(tmp_path / "s.qsc"))
+    assert sorted(p.name for p in (tmp_path / "s.qsc").iterdir()) == [
+        "manifest.json", "program.pt2", "refresh.pt2", "weights.safetensors"]
+    assert loaded.manifest["attention"] == result.attention
+    base = wan[1].sample(1)
+    with torch.no_grad():
+        for t in (900, 900, 700, 700, 500, 500, 300, 300):
+            x = dict(base, timestep=torch.tensor([t]))
+            assert torch.equal(loaded(**x), result.module(**x))
+    loaded.reset()
+    assert loaded.program.step_index == -1
+
+
+def test_same_seed_same_sparse_artifact(wan, tmp_path):
+    a = _compile(wan, density=0.25, ssar_tau=2, check_numerics=False).save(tmp_path / "a.qsc")
+    b = _compile(wan, density=0.25, ssar_tau=2, check_numerics=False).save(tmp_path / "b.qsc")
+    for name in ("program.pt2", "refresh.pt2", "weights.safetensors", "manifest.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_w4a8_sparse_preset():
+    cfg = qsc.resolve_config("w4a8-sparse")
+    assert (cfg.w_bits, cfg.a_bits, cfg.density, cfg.ssar_tau, cfg.ssar_rank) == (4, 8, 0.15, 5, 16)
+    from qsc.passes import default_pass_names
+
+    assert default_pass_names(cfg)[-2:] == ["sparsify_attention", "second_order_reparam"]
+    with pytest.raises(ConfigError):
+        qsc.resolve_config("w4a8", overrides={"ssar_tau": 5})
