@@ -177,13 +177,10 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
 
 
 def end_to_end(device: torch.device, dry_run: bool) -> dict:
-    """One transformer forward of a Wan2.1-1.3B-shaped model (random weights): qsc vs bf16 diffusers.
-    ``ms`` is qsc's program under ``torch.compile`` (``qsc_eager_ms`` without it).
-
-    Guarded: this needs diffusers and the compile pipeline, and measures what that pipeline offers
-    today. The SSAR cycle (tau steps with the dense refresh) and the sparse preset are measured once
-    the pipeline has them (a preset named ``w4a8-sparse``); until then the row says what it timed.
-    """
+    """A Wan2.1-1.3B-shaped model (random weights) compressed with ``w4a8-sparse`` against the bf16
+    diffusers model: the average time of a denoising step over one SSAR cycle (``tau`` steps, the
+    first a dense refresh), qsc's programs under ``torch.compile`` (``ms``; ``qsc_eager_ms``
+    without), with the step and refresh programs also timed alone."""
     try:
         import diffusers
     except ImportError:
@@ -192,9 +189,9 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
 
     config = dict(WAN_1_3B)
     latent, text_tokens = WAN_LATENT, WAN_TEXT_TOKENS
-    if dry_run:
+    if dry_run:  # 2 x 8 x 16 patches: 256 tokens, 4 key tiles, so attention really is sparse
         config.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)
-        latent, text_tokens = (16, 2, 8, 8), 8
+        latent, text_tokens = (16, 2, 16, 32), 8
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with device:
         model = diffusers.WanTransformer3DModel(**config).to(dtype).eval()
@@ -203,8 +200,7 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
             timestep=torch.tensor([500], dtype=torch.long),
             encoder_hidden_states=torch.randn(1, text_tokens, config["text_dim"], dtype=dtype),
         )
-    sparse = "w4a8-sparse" in qsc.PRESETS
-    preset = "w4a8-sparse" if sparse else "w4a8"
+    preset = "w4a8-sparse"
     with torch.no_grad():
         eager_ms, eager_peak = _timed_forward(lambda: model(**inputs, return_dict=False)[0], device)
         _progress(f"bf16 eager {eager_ms:.1f} ms")
@@ -216,33 +212,63 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
             model, qsc.CalibrationSet.from_samples([inputs], outputs=[fp_out]), preset=preset,
             config={"backend": "triton", "calib_samples": 1, "check_numerics": False},
         )
-        qsc_inputs = result.example_inputs
-        qsc_eager_ms, qsc_peak = _timed_forward(lambda: result.module(**qsc_inputs), device)
-        _progress(f"qsc {preset} eager {qsc_eager_ms:.1f} ms")
-        # The compressed program under torch.compile: the qsc:: ops stay opaque calls into their
-        # kernels, Inductor fuses the glue between them (norms, modulation, RoPE) as it does for bf16.
-        compiled_qsc = torch.compile(result.module)
-        qsc_ms, _ = _timed_forward(lambda: compiled_qsc(**qsc_inputs), device)
-        _progress(f"qsc {preset} torch.compile {qsc_ms:.1f} ms")
-        compile_rel_err = rel_err(_first(compiled_qsc(**qsc_inputs)), _first(result.module(**qsc_inputs)))
+        runtime, tau = result.module, result.config.ssar_tau
+        _progress(f"compiled {preset} in {result.seconds:.0f} s; attention density "
+                  f"{statistics.mean(a['density'] for a in result.attention.values()):.3f}")
+        cycle = _ssar_cycle(runtime, result.example_inputs, tau)
+        qsc_eager_ms = bench_ms(cycle, device) / tau
+        _progress(f"qsc {preset} eager {qsc_eager_ms:.1f} ms per step")
+        eager_last = cycle()
+        # The programs under torch.compile: the qsc:: ops stay opaque calls into their kernels,
+        # Inductor fuses the glue between them (norms, modulation, RoPE) as it does for bf16.
+        runtime.step_program = torch.compile(runtime.step_program)
+        runtime.refresh_program = torch.compile(runtime.refresh_program)
+        cycle_ms, qsc_peak = _timed_forward(cycle, device)
+        qsc_ms = cycle_ms / tau
+        _progress(f"qsc {preset} torch.compile {qsc_ms:.1f} ms per step")
+        compiled_last = cycle()
+        caches = runtime.caches()
+        step_ms = bench_ms(lambda: runtime.step_program(**result.example_inputs, **caches), device)
+        refresh_ms = bench_ms(lambda: runtime.refresh_program(**result.example_inputs), device)
+        _progress(f"sparse step {step_ms:.1f} ms, dense refresh {refresh_ms:.1f} ms")
     return dict(
-        preset=preset, timed="one forward" + ("" if sparse else " (dense: no sparse preset in this qsc yet)"),
-        tau=None, density=None if sparse else 1.0,  # set by the sparse/SSAR pipeline once it exists
-        ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
+        preset=preset, timed=f"mean step of one SSAR cycle ({tau} steps: 1 dense refresh + {tau - 1} sparse)",
+        tau=tau, density=result.config.density,
+        tile_density=statistics.mean(a["density"] for a in result.attention.values()),
+        ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, step_ms=step_ms, refresh_ms=refresh_ms,
+        bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
         speedup_vs_bf16_eager=eager_ms / qsc_ms, speedup_vs_bf16_compile=compile_ms / qsc_ms,
         peak_mem_ratio=(qsc_peak / eager_peak) if eager_peak else None,
-        storage_ratio=result.sizes["ratio"], output_metrics=result.metrics, compile_rel_err=compile_rel_err,
+        storage_ratio=result.sizes["ratio"],
+        # The last step of the cycle (sparse, SSAR-corrected) against the bf16 model on its input.
+        rel_err=rel_err(compiled_last, model(**_cycle_inputs(result.example_inputs, tau)[-1], return_dict=False)[0]),
+        compile_rel_err=rel_err(compiled_last, eager_last),
+        output_metrics=result.metrics,  # sparse without correction, on the calibration input
     )
+
+
+def _cycle_inputs(inputs: dict, tau: int) -> list[dict]:
+    """The inputs of ``tau`` consecutive denoising steps (falling timesteps; the latent's values do
+    not change the time)."""
+    return [dict(inputs, timestep=inputs["timestep"] - 20 * i) for i in range(tau)]
+
+
+def _ssar_cycle(runtime, inputs: dict, tau: int):
+    """One SSAR cycle from a fresh state: returns the last step's output."""
+    steps = _cycle_inputs(inputs, tau)
+
+    def run():
+        runtime.reset()
+        for step in steps:
+            out = runtime(**step)
+        return out
+
+    return run
 
 
 def _progress(message: str) -> None:
     """A figure as soon as it is measured: a run stopped later (time limit) still shows it."""
     print(f"[end_to_end] {message}", file=sys.stderr, flush=True)
-
-
-def _first(out):
-    """The output tensor of a forward that may return a tuple."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _timed_forward(fn, device: torch.device) -> tuple[float, int | None]:

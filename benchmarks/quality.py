@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ from qsc.refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
 from qsc.refmodel.sampler import sample
 
 METHODS = {"naive PTQ (RTN)": {"smooth_quant": False}, "SmoothQuant PTQ": {"smooth_quant": True}}
-PRESETS = ("w8a8", "w4a8", "w4a6")
+# Sparse presets: attention sparsity alone, then with SSAR's residual correction.
+SPARSE_METHODS = {"SmoothQuant PTQ + sparse attention": {"ssar_tau": 0}, "SmoothQuant PTQ + sparse + SSAR": {}}
+PRESETS = ("w8a8", "w4a8", "w4a6", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
 REAL_SEED_BASE = EVAL_SEED_BASE + 200_000
 
@@ -109,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.fp_only:
         calib = reference_calibration(num_prompts=calib_prompts, steps=steps)
         for preset in args.presets.split(","):
-            for method, overrides in METHODS.items():
+            for method, overrides in (SPARSE_METHODS if "sparse" in preset else METHODS).items():
                 result = qsc.compile(model, calibration=calib, preset=preset,
                                      config={**overrides, "calib_samples": len(calib)})
-                clips = generate(result.module, cases, steps)
-                rows.append({"method": method, "bits": preset.upper(), "density": 1.0,
+                clips = generate(result.module, cases, steps)  # SSAR's state resets with each new video
+                density = statistics.mean(a["density"] for a in result.attention.values()) if result.attention else 1.0
+                rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
                              **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
                              "storage_ratio": result.sizes["ratio"]})
                 compile_seconds.append(result.seconds)
