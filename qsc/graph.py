@@ -89,9 +89,9 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
             continue
-        q, k, v, *rest = node.args
-        mask, dropout, causal = (list(rest) + [None, 0.0, False])[:3]
-        if mask is not None or dropout or causal or node.kwargs.get("enable_gqa"):
+        q, k = node.args[:2]
+        options = {**dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:])), **node.kwargs}
+        if any(options.get(o) for o in ("dropout_p", "is_causal", "enable_gqa")) or options.get("attn_mask") is not None:
             continue
         q_shape, k_shape = q.meta["val"].shape, k.meta["val"].shape
         if q_shape[:-1] != k_shape[:-1]:

@@ -69,6 +69,17 @@ def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized
     return table
 
 
+def attention_table(attention: Mapping[str, Mapping[str, Any]]) -> Table:
+    """One row per block-sparse attention layer: its tile grid (heads x query tiles x key tiles)
+    and the fraction of tiles it computes."""
+    table = Table(title="sparse attention layers")
+    for column in ("layer", "tiles (H x Q x K)", "density"):
+        table.add_column(column)
+    for name, info in attention.items():
+        table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}")
+    return table
+
+
 def _smoothing_label(info: Mapping[str, Any]) -> str:
     """``+sq`` (planned), ``+sq a=0.35`` (compiled), ``+sq off`` (the search kept s = 1)."""
     if "smooth_alpha" not in info:

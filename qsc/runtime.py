@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import CompileConfig
+from .graph import state_inputs
 
 TIMESTEP_INPUT = "timestep"
 
@@ -98,6 +99,10 @@ class SSARRuntime(torch.nn.Module):
     def caches(self, branch: int = 0) -> dict[str, torch.Tensor]:
         """The residual caches the next sparse step of ``branch`` adds (empty before its first refresh)."""
         return self._branches[branch].caches if branch < len(self._branches) else {}
+
+    def uncorrected(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """One sparse step with zero caches, outside the schedule: what sparsity alone does to an input."""
+        return self.step_program(**inputs, **state_inputs(self.step_program, inputs))
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         branch = self._advance(inputs.get(TIMESTEP_INPUT))

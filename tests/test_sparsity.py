@@ -117,6 +117,27 @@ def test_dense_attention_setting_keeps_a_layer_dense(wan):
     assert set(result.attention) == {"blocks.1.attn1"}
 
 
+class _ThreeAttentions(torch.nn.Module):
+    """Causal, masked and plain self-attention over 256 tokens: only the plain one is sparsified."""
+
+    def forward(self, x):
+        q = x.unflatten(-1, (2, 16)).transpose(1, 2)
+        mask = torch.ones(256, 256, dtype=torch.bool).tril()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        out = sdpa(q, q, q, is_causal=True) + sdpa(q, q, q, attn_mask=mask) + sdpa(q, q, q)
+        return out.transpose(1, 2).flatten(-2)
+
+
+def test_only_unmasked_non_causal_self_attention_is_sparsified():
+    samples = [{"x": torch.randn(1, 256, 32)}]
+    result = qsc.compile(_ThreeAttentions(), CalibrationSet.from_samples(samples), preset="w8a8",
+                         config={"density": 0.5, "calib_samples": 1})
+    gm = result.program.graph_module
+    assert len(_ops(gm, qsc_ops.sparse_attention.default)) == 1
+    assert len(_ops(gm, aten.scaled_dot_product_attention.default)) == 2
+    assert [info["density"] for info in result.attention.values()] == [0.5]
+
+
 # --- SSAR: programs and runtime --------------------------------------------------------------------
 
 def test_a_step_with_the_residual_of_its_own_input_is_the_dense_output(wan):
@@ -234,3 +255,14 @@ def test_w4a8_sparse_preset():
     assert default_pass_names(cfg)[-2:] == ["sparsify_attention", "second_order_reparam"]
     with pytest.raises(ConfigError):
         qsc.resolve_config("w4a8", overrides={"ssar_tau": 5})
+
+
+def test_uncorrected_is_the_sparse_step_with_zero_caches_outside_the_schedule(wan, tmp_path):
+    """What ``qsc eval`` measures of an SSAR artifact: one sparse step, no correction, no state change."""
+    runtime = qsc.load(_compile(wan, density=0.25, ssar_tau=2).save(tmp_path / "s.qsc")).program
+    sample = wan[1].sample(0)
+    with torch.no_grad():
+        uncorrected = runtime.uncorrected(**sample)
+        zero_caches = {k: torch.zeros_like(v) for k, v in runtime.refresh_program(**sample)[1].items()}
+        assert torch.equal(uncorrected, runtime.step_program(**sample, **zero_caches))
+    assert runtime.step_index == -1 and runtime.caches() == {}

@@ -48,7 +48,7 @@ def compile_command(model, preset, config_file, overrides, backend, output, cali
     --trust-pickle). Without MODEL, the bundled reference model is compiled.
     """
     import qsc
-    from qsc.report import layer_table, pass_table, summary_table
+    from qsc.report import attention_table, layer_table, pass_table, summary_table
 
     settings = parse_overrides(list(overrides))
     if backend is not None:
@@ -69,5 +69,7 @@ def compile_command(model, preset, config_file, overrides, backend, output, cali
     stdout.print(pass_table(result.pass_log))
     if verbose:
         stdout.print(layer_table(result.layers))
+        if result.attention:
+            stdout.print(attention_table(result.attention))
     stdout.print(summary_table(result.sizes, result.metrics, result.seconds, len(result.layers)))
     stdout.print(f"wrote [bold]{output}[/]")

@@ -17,17 +17,21 @@ from . import stdout
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="config.json for --arch")
 @click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module")
 def inspect_command(target, preset, calib, arch, model_config, trust_pickle):
-    """Show what TARGET contains: operators, quantized layers and how, bytes before/after.
+    """Show what TARGET contains: operators, quantized layers and how, sparse attention layers,
+    bytes before/after.
 
     TARGET is an artifact directory (NAME.qsc) or any model `qsc compile` accepts; for a model,
     the layers the preset would quantize are listed with their expected packed size.
     """
     from qsc.inspection import inspect_artifact, inspect_model
-    from qsc.report import human_bytes, layer_table, operator_table
+    from qsc.artifact import read_manifest
+    from qsc.report import attention_table, human_bytes, layer_table, operator_table
 
     path = Path(target)
+    attention = {}
     if (path / "manifest.json").is_file():
         graph, layers, sizes = inspect_artifact(path)
+        attention = read_manifest(path).get("attention", {})
         title = "quantized layers"
     else:
         graph, layers, sizes = inspect_model(path, preset=preset, calib=calib, arch=arch,
@@ -35,6 +39,8 @@ def inspect_command(target, preset, calib, arch, model_config, trust_pickle):
         title = "layers the preset would quantize"
     stdout.print(operator_table(graph))
     stdout.print(layer_table(layers, title=title))
+    if attention:
+        stdout.print(attention_table(attention))
     stdout.print(
         f"bytes: {human_bytes(sizes['fp_bytes'])} -> {human_bytes(sizes['compressed_bytes'])} "
         f"({sizes['ratio']:.2f}x)"
