@@ -64,7 +64,7 @@ class TileMass:
         keep = max(1, round(density * mass.shape[-1]))
         # Ties (equal mass) break by tile index, so the layout is the same on every run.
         chosen = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :keep]
-        return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True).cpu()
+        return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True)  # on the model's device
 
 
 def _measured_rows(length: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ class CompileResult:
     attention: dict[str, dict[str, Any]]  # per sparsified attention layer: tiles, density
     pass_log: list[dict[str, Any]]
     sizes: dict[str, int | float]
-    metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample
+    metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample (SSAR: uncorrected)
     seconds: float = 0.0
     refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
 
