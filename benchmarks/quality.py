@@ -36,7 +36,11 @@ from qsc.refmodel.sampler import sample
 
 METHODS = {"naive PTQ (RTN)": {"smooth_quant": False}, "SmoothQuant PTQ": {"smooth_quant": True}}
 # Sparse presets: attention sparsity alone, then with SSAR's residual correction.
-SPARSE_METHODS = {"SmoothQuant PTQ + sparse attention": {"ssar_tau": 0}, "SmoothQuant PTQ + sparse + SSAR": {}}
+SPARSE_METHODS = {
+    "SmoothQuant PTQ + sparse attention": {"ssar_tau": 0},
+    "SmoothQuant PTQ + sparse + SSAR": {},
+    "SmoothQuant PTQ + sparse + SSAR (linear)": {"ssar_extrapolation": "linear"},
+}
 PRESETS = ("w8a8", "w4a8", "w4a6", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
 REAL_SEED_BASE = EVAL_SEED_BASE + 200_000

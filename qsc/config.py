@@ -54,6 +54,9 @@ class CompileConfig:
     ssar_tau: int = 0
     ssar_rank: int = 16
     dense_steps: int = 0
+    # "hold": D + low_rank(D - D_prev) until the next refresh (QuantSparse); "linear": the second
+    # term scaled by the steps since the refresh over the steps between the last two refreshes.
+    ssar_extrapolation: str = "hold"
     seed: int = 0
     backend: str = "reference"
     passes: tuple[str, ...] = ()  # explicit pipeline; empty = derived from the fields above
@@ -79,6 +82,8 @@ class CompileConfig:
             raise ConfigError(
                 f"ssar_tau, ssar_rank and dense_steps must be >= 0, got {self.ssar_tau}, {self.ssar_rank}, {self.dense_steps}"
             )
+        if self.ssar_extrapolation not in SSAR_EXTRAPOLATIONS:
+            raise ConfigError(f"ssar_extrapolation must be one of {SSAR_EXTRAPOLATIONS}, got {self.ssar_extrapolation!r}")
         if self.ssar_tau and self.density == 1.0:
             raise ConfigError("ssar_tau > 0 corrects sparse attention: set density below 1 (or ssar_tau = 0)")
         if self.backend not in BACKENDS:
@@ -89,6 +94,7 @@ class CompileConfig:
 
 
 BACKENDS = ("reference", "triton")
+SSAR_EXTRAPOLATIONS = ("hold", "linear")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(w_bits=8, a_bits=8),

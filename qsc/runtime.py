@@ -9,7 +9,8 @@ into caches by the second-order rule of QuantSparse:
 
     cache = D(t_ref) + low_rank(D(t_ref) - D(t_ref_previous))
 
-(first order, ``cache = D``, at the first refresh). The caches are explicit inputs and outputs of
+(first order, ``cache = D``, at the first refresh), or with ``extrapolation = "linear"`` the
+second-order term scaled by the steps since the refresh (see ``_Branch.caches``). The caches are explicit inputs and outputs of
 the programs; nothing here is hidden in them.
 
 Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
@@ -35,6 +36,7 @@ class SSARSchedule:
     tau: int  # a refresh every tau steps
     rank: int  # rank of the SVD that denoises D(t_ref) - D(t_ref_previous); 0 = not denoised
     dense_steps: int = 0  # leading steps that all refresh (dense attention)
+    extrapolation: str = "hold"  # see ``_Branch.caches``
 
     def refreshes(self, step: int) -> bool:
         return step < self.dense_steps or (step - self.dense_steps) % self.tau == 0
@@ -55,23 +57,33 @@ def low_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     return ((xf @ top) @ top.transpose(-1, -2)).to(x.dtype)
 
 
-def second_order_cache(residual: torch.Tensor, previous: torch.Tensor | None, rank: int) -> torch.Tensor:
-    """The correction a layer adds to its sparse attention until the next refresh."""
-    if previous is None:
-        return residual
-    return residual + low_rank(residual - previous, rank)
-
-
 @dataclass
 class _Branch:
-    """One stream of calls (e.g. the conditional branch of guidance): its caches and last residuals."""
+    """One stream of calls (e.g. the conditional branch of guidance): what its refreshes measured."""
 
-    caches: dict[str, torch.Tensor] = field(default_factory=dict)
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # D at the last refresh
+    changes: dict[str, torch.Tensor] = field(default_factory=dict)  # low_rank(D - D_previous)
+    refreshed_at: int = -1
+    interval: int = 0  # steps between the last two refreshes
+    _cached: tuple[float, dict[str, torch.Tensor]] | None = None
 
-    def refresh(self, residuals: dict[str, torch.Tensor], rank: int) -> None:
-        self.caches = {k: second_order_cache(d, self.residuals.get(k), rank) for k, d in residuals.items()}
-        self.residuals = residuals
+    def refresh(self, residuals: dict[str, torch.Tensor], step: int, rank: int) -> None:
+        if self.residuals:
+            self.changes = {k: low_rank(d - self.residuals[k], rank) for k, d in residuals.items()}
+            self.interval = step - self.refreshed_at
+        self.residuals, self.refreshed_at, self._cached = residuals, step, None
+
+    def caches(self, step: int, extrapolation: str) -> dict[str, torch.Tensor]:
+        """The correction of a sparse step: ``D`` after the first refresh (first order), then
+        ``D + w * low_rank(D - D_previous)``. ``hold`` (QuantSparse): ``w = 1`` until the next
+        refresh, one tensor per layer. ``linear``: ``w = k / interval`` at the k-th step after the
+        refresh, the residual's trend followed step by step (one addition per layer and step)."""
+        if not self.changes:
+            return self.residuals
+        weight = 1.0 if extrapolation == "hold" else (step - self.refreshed_at) / self.interval
+        if self._cached is None or self._cached[0] != weight:
+            self._cached = weight, {k: d + weight * self.changes[k] for k, d in self.residuals.items()}
+        return self._cached[1]
 
 
 class SSARRuntime(torch.nn.Module):
@@ -87,7 +99,7 @@ class SSARRuntime(torch.nn.Module):
     @classmethod
     def of(cls, step: torch.export.ExportedProgram, refresh: torch.export.ExportedProgram, config: CompileConfig) -> "SSARRuntime":
         """The runtime of a compiled pair of programs, with the schedule of their configuration."""
-        schedule = SSARSchedule(config.ssar_tau, config.ssar_rank, config.dense_steps)
+        schedule = SSARSchedule(config.ssar_tau, config.ssar_rank, config.dense_steps, config.ssar_extrapolation)
         return cls(step.module(), refresh.module(), schedule).requires_grad_(False)
 
     def reset(self) -> None:
@@ -96,9 +108,9 @@ class SSARRuntime(torch.nn.Module):
         self._branches: list[_Branch] = []
         self._last_timestep: float | None = None
 
-    def caches(self, branch: int = 0) -> dict[str, torch.Tensor]:
-        """The residual caches the next sparse step of ``branch`` adds (empty before its first refresh)."""
-        return self._branches[branch].caches if branch < len(self._branches) else {}
+    def residuals(self, branch: int = 0) -> dict[str, torch.Tensor]:
+        """The residuals ``D`` of ``branch``'s last refresh (empty before its first)."""
+        return self._branches[branch].residuals if branch < len(self._branches) else {}
 
     def uncorrected(self, **inputs: torch.Tensor) -> torch.Tensor:
         """One sparse step with zero caches, outside the schedule: what sparsity alone does to an input."""
@@ -106,11 +118,11 @@ class SSARRuntime(torch.nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         branch = self._advance(inputs.get(TIMESTEP_INPUT))
-        if self.schedule.refreshes(self.step_index) or not branch.caches:
+        if self.schedule.refreshes(self.step_index) or not branch.residuals:
             out, residuals = self.refresh_program(**inputs)
-            branch.refresh(residuals, self.schedule.rank)
+            branch.refresh(residuals, self.step_index, self.schedule.rank)
             return out
-        return self.step_program(**inputs, **branch.caches)
+        return self.step_program(**inputs, **branch.caches(self.step_index, self.schedule.extrapolation))
 
     def _advance(self, timestep: torch.Tensor | None) -> _Branch:
         t = None if timestep is None else float(timestep.detach().flatten()[0])

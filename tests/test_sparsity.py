@@ -9,7 +9,7 @@ from qsc.calibration import CalibrationSet
 from qsc.errors import ConfigError
 from qsc.frontend import DenoiserAdapter
 from qsc.passes.sparsify_attention import TileMass
-from qsc.runtime import SSARRuntime, SSARSchedule, low_rank, second_order_cache
+from qsc.runtime import SSARRuntime, SSARSchedule, low_rank
 
 from tiny_models import tiny_model
 
@@ -176,9 +176,10 @@ class _Recorder(torch.nn.Module):
         return torch.tensor(t)
 
 
-def _runtime(tau=3, dense_steps=0):
+def _runtime(tau=3, dense_steps=0, extrapolation="hold"):
     log = []
-    return SSARRuntime(_Recorder(log, "step"), _Recorder(log, "refresh"), SSARSchedule(tau, 0, dense_steps)), log
+    schedule = SSARSchedule(tau, 0, dense_steps, extrapolation)
+    return SSARRuntime(_Recorder(log, "step"), _Recorder(log, "refresh"), schedule), log
 
 
 def test_runtime_refreshes_every_tau_steps_with_first_then_second_order_caches():
@@ -190,6 +191,14 @@ def test_runtime_refreshes_every_tau_steps_with_first_then_second_order_caches()
         ("refresh", 600), ("step", 500, 300), ("step", 400, 300),  # D + (D - D_prev) = 600 - 300
         ("refresh", 300),
     ]
+
+
+def test_linear_extrapolation_follows_the_trend_of_the_residual_step_by_step():
+    runtime, log = _runtime(tau=3, extrapolation="linear")
+    for t in (900, 800, 700, 600, 500, 400, 300):
+        runtime(timestep=torch.tensor([t]))
+    # D fell by 300 over the 3 steps between refreshes: 100 per step, continued after the refresh.
+    assert log[4:6] == [("step", 500, 500), ("step", 400, 400)]
 
 
 def test_guidance_branches_keep_caches_of_their_own_and_a_new_video_resets():
@@ -209,17 +218,15 @@ def test_dense_steps_all_refresh():
     assert [entry[0] for entry in log] == ["refresh", "refresh", "refresh", "step", "step"]
 
 
-def test_second_order_cache_adds_the_denoised_change_of_the_residual():
+def test_low_rank_is_the_best_rank_r_approximation_of_each_head():
     g = torch.Generator().manual_seed(0)
-    d, prev = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
-    assert torch.equal(second_order_cache(d, None, 4), d)
-    assert torch.allclose(second_order_cache(d, prev, 0), 2 * d - prev)
-    approx = low_rank(d - prev, 4)
-    assert torch.allclose(second_order_cache(d, prev, 4), d + approx)
-    # Per head: rank 4, and the best rank-4 approximation (Eckart-Young: the error is the tail).
+    x = torch.randn(2, 3, 40, 8, generator=g)
+    assert torch.equal(low_rank(x, 0), x) and torch.equal(low_rank(x, 8), x)
+    approx = low_rank(x, 4)
     assert (torch.linalg.matrix_rank(approx) == 4).all()
-    s = torch.linalg.svdvals(d - prev)
-    err = torch.linalg.matrix_norm(d - prev - approx)
+    # Eckart-Young: the error of the best rank-4 approximation is the tail of the singular values.
+    s = torch.linalg.svdvals(x)
+    err = torch.linalg.matrix_norm(x - approx)
     torch.testing.assert_close(err, s[..., 4:].square().sum(-1).sqrt(), rtol=1e-4, atol=1e-5)
 
 
@@ -265,7 +272,7 @@ def test_uncorrected_is_the_sparse_step_with_zero_caches_outside_the_schedule(wa
         uncorrected = runtime.uncorrected(**sample)
         zero_caches = {k: torch.zeros_like(v) for k, v in runtime.refresh_program(**sample)[1].items()}
         assert torch.equal(uncorrected, runtime.step_program(**sample, **zero_caches))
-    assert runtime.step_index == -1 and runtime.caches() == {}
+    assert runtime.step_index == -1 and runtime.residuals() == {}
 
 
 def test_ssar_follows_the_dense_program_along_a_trajectory_better_than_sparse_alone(wan):
