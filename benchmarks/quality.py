@@ -38,8 +38,8 @@ METHODS = {"naive PTQ (RTN)": {"smooth_quant": False}, "SmoothQuant PTQ": {"smoo
 # Sparse presets: attention sparsity alone, then with SSAR's residual correction.
 SPARSE_METHODS = {
     "SmoothQuant PTQ + sparse attention": {"ssar_tau": 0},
-    "SmoothQuant PTQ + sparse + SSAR": {},
-    "SmoothQuant PTQ + sparse + SSAR (linear)": {"ssar_extrapolation": "linear"},
+    "SmoothQuant PTQ + sparse + SSAR": {"ssar_extrapolation": "hold"},  # QuantSparse's rule
+    "SmoothQuant PTQ + sparse + SSAR (linear)": {"ssar_extrapolation": "linear"},  # qsc's default
 }
 PRESETS = ("w8a8", "w4a8", "w4a6", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics

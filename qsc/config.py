@@ -55,8 +55,9 @@ class CompileConfig:
     ssar_rank: int = 16
     dense_steps: int = 0
     # "hold": D + low_rank(D - D_prev) until the next refresh (QuantSparse); "linear": the second
-    # term scaled by the steps since the refresh over the steps between the last two refreshes.
-    ssar_extrapolation: str = "hold"
+    # term scaled by the steps since the refresh over the steps between the last two refreshes
+    # (benchmarks/README.md: better on every quality column of the reference model).
+    ssar_extrapolation: str = "linear"
     seed: int = 0
     backend: str = "reference"
     passes: tuple[str, ...] = ()  # explicit pipeline; empty = derived from the fields above

@@ -10,7 +10,7 @@ into caches by the second-order rule of QuantSparse:
     cache = D(t_ref) + low_rank(D(t_ref) - D(t_ref_previous))
 
 (first order, ``cache = D``, at the first refresh), or with ``extrapolation = "linear"`` the
-second-order term scaled by the steps since the refresh (see ``_Branch.caches``). The caches are explicit inputs and outputs of
+second-order term scaled by the steps since the refresh (see ``_Branch``). The caches are explicit inputs and outputs of
 the programs; nothing here is hidden in them.
 
 Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
@@ -36,7 +36,7 @@ class SSARSchedule:
     tau: int  # a refresh every tau steps
     rank: int  # rank of the SVD that denoises D(t_ref) - D(t_ref_previous); 0 = not denoised
     dense_steps: int = 0  # leading steps that all refresh (dense attention)
-    extrapolation: str = "hold"  # see ``_Branch.caches``
+    extrapolation: str = "linear"  # see ``_Branch``
 
     def refreshes(self, step: int) -> bool:
         return step < self.dense_steps or (step - self.dense_steps) % self.tau == 0
@@ -59,31 +59,38 @@ def low_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 @dataclass
 class _Branch:
-    """One stream of calls (e.g. the conditional branch of guidance): what its refreshes measured."""
+    """One stream of calls (e.g. the conditional branch of guidance): what its refreshes measured.
+
+    The correction of a sparse step is ``D`` after the first refresh (first order), then
+    ``D + w * low_rank(D - D_previous)``. ``hold`` (QuantSparse): ``w = 1`` until the next refresh;
+    the cache is computed once, in the memory of the change, so a layer holds two tensors (D for
+    the next change, and the cache). ``linear``: ``w = k / interval`` at the k-th step after the
+    refresh, following the residual's trend step by step: three tensors per layer, one addition per
+    layer and step.
+    """
 
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # D at the last refresh
-    changes: dict[str, torch.Tensor] = field(default_factory=dict)  # low_rank(D - D_previous)
+    changes: dict[str, torch.Tensor] = field(default_factory=dict)  # hold: the cache; linear: the change
     refreshed_at: int = -1
     interval: int = 0  # steps between the last two refreshes
-    _cached: tuple[float, dict[str, torch.Tensor]] | None = None
 
-    def refresh(self, residuals: dict[str, torch.Tensor], step: int, rank: int) -> None:
+    def refresh(self, residuals: dict[str, torch.Tensor], step: int, schedule: SSARSchedule) -> None:
+        changes = {}
         if self.residuals:
-            self.changes = {k: low_rank(d - self.residuals[k], rank) for k, d in residuals.items()}
+            changes = {k: low_rank(d - self.residuals[k], schedule.rank) for k, d in residuals.items()}
             self.interval = step - self.refreshed_at
-        self.residuals, self.refreshed_at, self._cached = residuals, step, None
+            if schedule.extrapolation == "hold":
+                for k, d in residuals.items():
+                    changes[k].add_(d)
+        self.residuals, self.changes, self.refreshed_at = residuals, changes, step
 
     def caches(self, step: int, extrapolation: str) -> dict[str, torch.Tensor]:
-        """The correction of a sparse step: ``D`` after the first refresh (first order), then
-        ``D + w * low_rank(D - D_previous)``. ``hold`` (QuantSparse): ``w = 1`` until the next
-        refresh, one tensor per layer. ``linear``: ``w = k / interval`` at the k-th step after the
-        refresh, the residual's trend followed step by step (one addition per layer and step)."""
         if not self.changes:
             return self.residuals
-        weight = 1.0 if extrapolation == "hold" else (step - self.refreshed_at) / self.interval
-        if self._cached is None or self._cached[0] != weight:
-            self._cached = weight, {k: d + weight * self.changes[k] for k, d in self.residuals.items()}
-        return self._cached[1]
+        if extrapolation == "hold":
+            return self.changes
+        weight = (step - self.refreshed_at) / self.interval
+        return {k: torch.add(d, self.changes[k], alpha=weight) for k, d in self.residuals.items()}
 
 
 class SSARRuntime(torch.nn.Module):
@@ -120,7 +127,7 @@ class SSARRuntime(torch.nn.Module):
         branch = self._advance(inputs.get(TIMESTEP_INPUT))
         if self.schedule.refreshes(self.step_index) or not branch.residuals:
             out, residuals = self.refresh_program(**inputs)
-            branch.refresh(residuals, self.step_index, self.schedule.rank)
+            branch.refresh(residuals, self.step_index, self.schedule)
             return out
         return self.step_program(**inputs, **branch.caches(self.step_index, self.schedule.extrapolation))
 
