@@ -213,8 +213,8 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
             config={"backend": "triton", "calib_samples": 1, "check_numerics": False},
         )
         runtime, tau = result.module, result.config.ssar_tau
-        _progress(f"compiled {preset} in {result.seconds:.0f} s; attention density "
-                  f"{statistics.mean(a['density'] for a in result.attention.values()):.3f}")
+        tile_density = statistics.mean(a["density"] for a in result.attention.values())
+        _progress(f"compiled {preset} in {result.seconds:.0f} s; attention density {tile_density:.3f}")
         cycle = _ssar_cycle(runtime, result.example_inputs, tau)
         qsc_eager_ms = bench_ms(cycle, device) / tau
         _progress(f"qsc {preset} eager {qsc_eager_ms:.1f} ms per step")
@@ -234,7 +234,7 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
     return dict(
         preset=preset, timed=f"mean step of one SSAR cycle ({tau} steps: 1 dense refresh + {tau - 1} sparse)",
         tau=tau, density=result.config.density,
-        tile_density=statistics.mean(a["density"] for a in result.attention.values()),
+        tile_density=tile_density,
         ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, step_ms=step_ms, refresh_ms=refresh_ms,
         bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
         speedup_vs_bf16_eager=eager_ms / qsc_ms, speedup_vs_bf16_compile=compile_ms / qsc_ms,

@@ -7,9 +7,9 @@ epilogue. The program so rewritten is the *step* program, run at sparse steps.
 ``refresh_graph`` derives the *refresh* program from it, run every ``tau``-th step: each such
 attention computes dense and sparse attention, continues with the dense output, and returns the
 first-order residual ``D = O_dense - O_sparse`` as an extra output. ``qsc.runtime.SSARRuntime``
-owns the caches and the step counter, and turns the residuals into caches
-(``D + low_rank(D - D_previous)``). The caches never hide in the program: they are inputs and
-outputs, the same in the exported program, ONNX and a TensorRT engine.
+owns the caches and the step counter, and turns the residuals into caches (second order, see
+``qsc.runtime``). The caches never hide in the program: they are inputs and outputs, the same in
+the exported program, ONNX and a TensorRT engine.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from torch.utils import _pytree as pytree
 from qsc.graph import add_input, finalize, set_signature
 from qsc.pipeline import Pass, PassContext, PassResult
 
-from .sparsify_attention import LAYER_META, sparse_attention_nodes
+from .sparsify_attention import LAYER_META, SPARSE_ATTENTION, sparse_attention_nodes
 
 CACHE_PREFIX = "ssar_"
-sparse_attention = torch.ops.qsc.sparse_attention.default
 
 
 def cache_name(layer: str) -> str:
@@ -59,11 +58,12 @@ def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
         cache = node.kwargs["residual"]
         with graph.inserting_before(node):
             kwargs = {k: v for k, v in node.kwargs.items() if k != "residual"}
-            dense = graph.call_function(sparse_attention, (*node.args[:3], None), kwargs)
-            sparse = graph.call_function(sparse_attention, node.args, kwargs)
+            dense = graph.call_function(SPARSE_ATTENTION, (*node.args[:3], None), kwargs)
+            sparse = graph.call_function(SPARSE_ATTENTION, node.args, kwargs)
             residual = graph.call_function(torch.ops.aten.sub.Tensor, (dense, sparse))
         sparse.meta = dict(node.meta)
-        dense.meta = residual.meta = {k: v for k, v in node.meta.items() if k != LAYER_META}
+        for new in (dense, residual):
+            new.meta = {k: v for k, v in node.meta.items() if k != LAYER_META}
         node.replace_all_uses_with(dense)
         graph.erase_node(node)
         graph.erase_node(cache)

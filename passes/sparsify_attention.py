@@ -30,6 +30,7 @@ from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, atten
 from qsc.pipeline import Pass, PassContext, PassResult
 
 ROWS_PER_TILE = 32  # query rows of a tile whose attention is measured: enough to rank key tiles
+SPARSE_ATTENTION = torch.ops.qsc.sparse_attention.default
 LAYER_META = "qsc_attention_layer"  # node meta of each block-sparse attention: its layer path
 TILES_PER_CHUNK = 16  # query tiles measured at once: bounds the probabilities held to 512 rows x L
 
@@ -96,8 +97,8 @@ class SparsifyAttention(Pass):
     produces = ("attention_layouts",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        keep_dense = LayerFilter(ctx.config.dense_attention, ()) if ctx.config.dense_attention else None
-        sites = [s for s in attention_sites(gm) if keep_dense is None or not keep_dense(s.layer)]
+        keep_dense = LayerFilter(ctx.config.dense_attention, ())
+        sites = [s for s in attention_sites(gm) if not keep_dense(s.layer)]
         masses = {s.node: TileMass() for s in sites}
         samples = ctx.calibration_samples()
         with torch.no_grad():
@@ -126,7 +127,7 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> N
     q, k, v = site.node.args[:3]
     with gm.graph.inserting_before(site.node):
         sparse = gm.graph.call_function(
-            torch.ops.qsc.sparse_attention.default,
+            SPARSE_ATTENTION,
             (q, k, v, gm.graph.get_attr(target)),
             {"scale": site.scale} if site.scale is not None else {},
         )
@@ -137,5 +138,4 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> N
 
 def sparse_attention_nodes(graph: fx.Graph) -> list[fx.Node]:
     """The block-sparse attentions this pass made, in graph order."""
-    return [n for n in graph.find_nodes(op="call_function", target=torch.ops.qsc.sparse_attention.default)
-            if LAYER_META in n.meta]
+    return [n for n in graph.find_nodes(op="call_function", target=SPARSE_ATTENTION) if LAYER_META in n.meta]

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from . import backends
 from .config import CompileConfig
 from .errors import InputError
-from .runtime import SSARRuntime
 from .fsutil import atomic_directory
+from .runtime import SSARRuntime
 
 FORMAT = "qsc-artifact/1"
 PROGRAM = "program.pt2"

@@ -10,8 +10,8 @@ into caches by the second-order rule of QuantSparse:
     cache = D(t_ref) + low_rank(D(t_ref) - D(t_ref_previous))
 
 (first order, ``cache = D``, at the first refresh), or with ``extrapolation = "linear"`` the
-second-order term scaled by the steps since the refresh (see ``_Branch``). The caches are explicit inputs and outputs of
-the programs; nothing here is hidden in them.
+second-order term scaled by the steps since the refresh (see ``_Branch``). The caches are
+explicit inputs and outputs of the programs; nothing here is hidden in them.
 
 Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
 before are further branches of the same step (the conditional and unconditional calls of
@@ -35,8 +35,8 @@ TIMESTEP_INPUT = "timestep"
 class SSARSchedule:
     tau: int  # a refresh every tau steps
     rank: int  # rank of the SVD that denoises D(t_ref) - D(t_ref_previous); 0 = not denoised
-    dense_steps: int = 0  # leading steps that all refresh (dense attention)
-    extrapolation: str = "linear"  # see ``_Branch``
+    dense_steps: int  # leading steps that all refresh (dense attention)
+    extrapolation: str  # "hold" or "linear", see ``_Branch``
 
     def refreshes(self, step: int) -> bool:
         return step < self.dense_steps or (step - self.dense_steps) % self.tau == 0
