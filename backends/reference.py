@@ -64,6 +64,19 @@ def check_block_layout(q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor) -
         )
 
 
+def check_residual_factors(q: torch.Tensor, v: torch.Tensor, u: torch.Tensor | None, w: torch.Tensor | None) -> None:
+    """The low-rank term ``u @ w`` of the residual: both or neither, ``[B, H, Lq, R] @ [B, H, R, D]``."""
+    if u is None and w is None:
+        return
+    (b, h, lq, _), d = q.shape, v.shape[-1]
+    if u is None or w is None or u.shape[:3] != (b, h, lq) or w.shape != (b, h, u.shape[-1], d):
+        shapes = [None if t is None else tuple(t.shape) for t in (u, w)]
+        raise InputError(
+            f"sparse attention residual factors must be [{b}, {h}, {lq}, R] and [{b}, {h}, R, {d}] "
+            f"for q {tuple(q.shape)}; got {shapes[0]} and {shapes[1]}"
+        )
+
+
 def _quantize_tiles(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, H, L, D]`` -> int8 codes of the same shape and float32 scales ``[B, H, ceil(L/rows)]``:
     one symmetric 8-bit scale per tile of ``rows`` tokens (the zero padding leaves max|x| alone)."""
@@ -98,9 +111,12 @@ def sparse_attention(
     residual: torch.Tensor | None,
     scale: float | None,
     qk_int8: bool = False,
+    residual_u: torch.Tensor | None = None,
+    residual_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention in float32, one query tile at a time (memory ``B*H*128*Lk``);
     with ``qk_int8`` the scores come from the INT8 Q and K of ``quantize_qk``."""
+    check_residual_factors(q, v, residual_u, residual_v)
     b, h, lq, d = q.shape
     lk, out_dtype = k.shape[2], q.dtype
     scale = d**-0.5 if scale is None else scale
@@ -124,4 +140,6 @@ def sparse_attention(
         out[:, :, r0 : r0 + SPARSE_BLOCK_M] = p @ vf
     if residual is not None:
         out += residual.float()
+    if residual_u is not None:
+        out += residual_u.float() @ residual_v.float()
     return out.to(out_dtype)

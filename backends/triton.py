@@ -61,14 +61,18 @@ def sparse_attention(
     residual: torch.Tensor | None,
     scale: float | None,
     qk_int8: bool = False,
+    residual_u: torch.Tensor | None = None,
+    residual_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual fused; with
-    ``qk_int8`` Q and K are quantized per tile first (the reference's ``quantize_qk``, one kernel each)."""
+    """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual and its low-rank
+    term fused; with ``qk_int8`` Q and K are quantized per tile first (the reference's
+    ``quantize_qk``, one kernel each)."""
     from qsc.kernels import qk_quant
     from qsc.kernels import sparse_attention as kernel
 
     if layout is not None:
         reference.check_block_layout(q, k, layout)
+    reference.check_residual_factors(q, v, residual_u, residual_v)
     qk_scales = None
     if qk_int8:
         q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
@@ -76,6 +80,7 @@ def sparse_attention(
     return kernel.sparse_attention(
         q, k, v, layout, residual, scale,
         layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
+        residual_factors=None if residual_u is None else (residual_u, residual_v),
     )
 
 

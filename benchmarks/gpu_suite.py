@@ -178,19 +178,22 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
 
 def end_to_end(device: torch.device, dry_run: bool) -> dict:
     """A Wan2.1-1.3B-shaped model (random weights) compressed with ``w4a8-sparse`` against the bf16
-    diffusers model: the average time of a denoising step over one SSAR cycle (``tau`` steps, the
-    first a dense refresh), qsc's programs under ``torch.compile`` (``ms``; ``qsc_eager_ms``
-    without), with the step and refresh programs also timed alone."""
+    diffusers model: the average time of a denoising step over one steady-state SSAR cycle (``tau``
+    steps: a dense refresh with the second-order term, then ``tau - 1`` corrected sparse steps),
+    qsc's programs under ``torch.compile`` (``ms``; ``qsc_eager_ms`` without), with the step and
+    refresh programs and the refresh's low-rank factorization also timed alone."""
     try:
         import diffusers
     except ImportError:
         return {"skipped": "diffusers is not installed"}
     import qsc
+    from qsc import lowrank
 
     config = dict(WAN_1_3B)
     latent, text_tokens = WAN_LATENT, WAN_TEXT_TOKENS
     if dry_run:  # 2 x 8 x 16 patches: 256 tokens, 4 key tiles, so attention really is sparse
-        config.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)
+        # Head dim 32 > SSAR's rank 16: the low-rank term is truncated, as at full size.
+        config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)
         latent, text_tokens = (16, 2, 16, 32), 8
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with device:
@@ -215,10 +218,11 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
         runtime, tau = result.module, result.config.ssar_tau
         tile_density = statistics.mean(a["density"] for a in result.attention.values())
         _progress(f"compiled {preset} in {result.seconds:.0f} s; attention density {tile_density:.3f}")
-        cycle = _ssar_cycle(runtime, result.example_inputs, tau)
+        cycle = SSARCycles(runtime, result.example_inputs, tau)
+        cycle()  # the first refresh has no earlier one to take a second order from
         qsc_eager_ms = bench_ms(cycle, device) / tau
         _progress(f"qsc {preset} eager {qsc_eager_ms:.1f} ms per step")
-        eager_last = cycle()
+        eager_step = runtime.step_program
         # The programs under torch.compile: the qsc:: ops stay opaque calls into their kernels,
         # Inductor fuses the glue between them (norms, modulation, RoPE) as it does for bf16.
         runtime.step_program = torch.compile(runtime.step_program)
@@ -226,44 +230,51 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
         cycle_ms, qsc_peak = _timed_forward(cycle, device)
         qsc_ms = cycle_ms / tau
         _progress(f"qsc {preset} torch.compile {qsc_ms:.1f} ms per step")
-        compiled_last = cycle()
-        caches = runtime.residuals()  # caches of the right shapes; the values do not change the time
+        last = cycle()  # its last step is a corrected sparse one
+        caches, residuals = runtime.caches(), list(runtime.residuals().values())
         step_ms = bench_ms(lambda: runtime.step_program(**result.example_inputs, **caches), device)
         refresh_ms = bench_ms(lambda: runtime.refresh_program(**result.example_inputs), device)
-        _progress(f"sparse step {step_ms:.1f} ms, dense refresh {refresh_ms:.1f} ms")
+        others = residuals[1:] + residuals[:1]  # a previous refresh's stand-in: same shapes, real values
+        low_rank_ms = bench_ms(lambda: lowrank.change_factors(residuals, others, runtime.schedule.rank), device)
+        _progress(f"sparse step {step_ms:.1f} ms, dense refresh {refresh_ms:.1f} ms, its low rank {low_rank_ms:.1f} ms")
     return dict(
-        preset=preset, timed=f"mean step of one SSAR cycle ({tau} steps: 1 dense refresh + {tau - 1} sparse)",
+        preset=preset, timed=(f"mean step of a steady-state SSAR cycle ({tau} steps: 1 dense refresh with the "
+                              f"second-order term + {tau - 1} corrected sparse)"),
         tau=tau, density=result.config.density,
         tile_density=tile_density,
-        ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, step_ms=step_ms, refresh_ms=refresh_ms,
+        ms=qsc_ms, qsc_eager_ms=qsc_eager_ms, step_ms=step_ms, refresh_ms=refresh_ms, low_rank_ms=low_rank_ms,
         bf16_eager_ms=eager_ms, bf16_compile_ms=compile_ms,
         speedup_vs_bf16_eager=eager_ms / qsc_ms, speedup_vs_bf16_compile=compile_ms / qsc_ms,
         peak_mem_ratio=(qsc_peak / eager_peak) if eager_peak else None,
         storage_ratio=result.sizes["ratio"],
         # The last step of the cycle (sparse, SSAR-corrected) against the bf16 model on its input.
-        rel_err=rel_err(compiled_last, model(**_cycle_inputs(result.example_inputs, tau)[-1], return_dict=False)[0]),
-        compile_rel_err=rel_err(compiled_last, eager_last),
+        rel_err=rel_err(last, model(**cycle.last_inputs, return_dict=False)[0]),
+        compile_rel_err=rel_err(runtime.step_program(**cycle.last_inputs, **caches),
+                                eager_step(**cycle.last_inputs, **caches)),
         output_metrics=result.metrics,  # sparse without correction, on the calibration input
     )
 
 
-def _cycle_inputs(inputs: dict, tau: int) -> list[dict]:
-    """The inputs of ``tau`` consecutive denoising steps (falling timesteps; the latent's values do
-    not change the time)."""
-    return [dict(inputs, timestep=inputs["timestep"] - 20 * i) for i in range(tau)]
+class SSARCycles:
+    """One endless trajectory, ``tau`` steps per call: from the second call on, each call is a
+    steady-state SSAR cycle (a refresh that takes the second order from the one before, then
+    ``tau - 1`` corrected sparse steps). The timestep falls by one per step; the latent's values do
+    not change the time."""
 
-
-def _ssar_cycle(runtime, inputs: dict, tau: int):
-    """One SSAR cycle from a fresh state: returns the last step's output."""
-    steps = _cycle_inputs(inputs, tau)
-
-    def run():
+    def __init__(self, runtime, inputs: dict, tau: int):
+        self.runtime, self.inputs, self.tau = runtime, inputs, tau
+        self.step = 0
         runtime.reset()
-        for step in steps:
-            out = runtime(**step)
-        return out
 
-    return run
+    def __call__(self) -> torch.Tensor:
+        for _ in range(self.tau):
+            timestep = self.inputs["timestep"] - self.step
+            if (timestep < 0).any():
+                raise RuntimeError(f"the benchmark trajectory ran out of timesteps after {self.step} steps")
+            self.last_inputs = dict(self.inputs, timestep=timestep)
+            out = self.runtime(**self.last_inputs)
+            self.step += 1
+        return out
 
 
 def _progress(message: str) -> None:

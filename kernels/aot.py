@@ -111,29 +111,33 @@ def compile_qk_quant(target: GPUTarget, *, rows: int, mean: bool, x_dtype: str =
 
 def compile_sparse_attention(
     config: triton.Config, target: GPUTarget, *, dtype: str, head_dim: int, dense: bool, residual: bool,
-    qk_int8: bool, heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
+    qk_int8: bool, rank: int = 0, heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
 ):
     """Strides are those of contiguous ``[B, H, L, D]`` tensors and a per-head layout; ``qk_int8``
-    makes q and k int8 codes with per-tile scales."""
+    makes q and k int8 codes with per-tile scales; ``rank`` > 0 adds the residual's low-rank term."""
     mb, nb = -(-lq // layout_block_m), -(-lk // sparse_attention.BLOCK_N)
     q_strides = dict(b=heads * lq * head_dim, h=lq * head_dim, m=head_dim)
     k_strides = dict(b=heads * lk * head_dim, h=lk * head_dim, n=head_dim)
     params = dict(
         q_ptr="*i8" if qk_int8 else f"*{dtype}", k_ptr="*i8" if qk_int8 else f"*{dtype}", v_ptr=f"*{dtype}",
-        r_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32", q_scale_ptr="*fp32", k_scale_ptr="*fp32",
+        r_ptr=f"*{dtype}", u_ptr=f"*{dtype}", w_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32", q_scale_ptr="*fp32", k_scale_ptr="*fp32",
         stride_qb=q_strides["b"], stride_qh=q_strides["h"], stride_qm=q_strides["m"],
         stride_kb=k_strides["b"], stride_kh=k_strides["h"], stride_kn=k_strides["n"],
         stride_vb=k_strides["b"], stride_vh=k_strides["h"], stride_vn=k_strides["n"],
         stride_rb=q_strides["b"], stride_rh=q_strides["h"], stride_rm=q_strides["m"],
+        stride_ub=heads * lq * rank, stride_uh=lq * rank, stride_um=rank,
+        stride_wb=heads * rank * head_dim, stride_wh=rank * head_dim, stride_wr=head_dim,
         stride_ob=q_strides["b"], stride_oh=q_strides["h"], stride_om=q_strides["m"],
         stride_ib=0, stride_ih=mb * nb, stride_im=nb, stride_cb=0, stride_ch=mb,
-        H=heads, Lq=lq, Lk=lk, D=head_dim, qk_scale=0.1,
+        H=heads, Lq=lq, Lk=lk, D=head_dim, R=rank, qk_scale=0.1,
     )
     constexprs = dict(
         DENSE=dense, HAS_RESIDUAL=residual, QK_INT8=qk_int8, LAYOUT_M=layout_block_m,
-        BLOCK_D=sparse_attention.block_d(head_dim), BLOCK_N=sparse_attention.BLOCK_N, **config.kwargs,
+        BLOCK_D=sparse_attention.block_d(head_dim), BLOCK_R=sparse_attention.block_d(rank) if rank else 0,
+        BLOCK_N=sparse_attention.BLOCK_N, **config.kwargs,
     )
-    for name, present in (("r_ptr", residual), ("q_scale_ptr", qk_int8), ("k_scale_ptr", qk_int8)):
+    for name, present in (("r_ptr", residual), ("u_ptr", rank), ("w_ptr", rank), ("q_scale_ptr", qk_int8),
+                          ("k_scale_ptr", qk_int8)):
         if not present:
             constexprs[name] = None
     return _compile(sparse_attention._sparse_attention_kernel, target, params, constexprs,
@@ -155,10 +159,11 @@ ACT_QUANT_VARIANTS = (
     dict(x_dtype="bf16", in_scale=True, bits=8, k=1536), dict(x_dtype="fp16", in_scale=False, bits=8, k=8960),
 )
 QK_QUANT_VARIANTS = (dict(rows=128, mean=False), dict(rows=64, mean=True))
+# The SSAR step (sparse, residual and its rank-16 term), the refresh (dense), and the step on INT8 QK^T.
 ATTENTION_VARIANTS = (
-    dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=False),
+    dict(dtype="bf16", head_dim=128, dense=False, residual=True, rank=16, qk_int8=False),
     dict(dtype="bf16", head_dim=128, dense=True, residual=False, qk_int8=False),
-    dict(dtype="bf16", head_dim=128, dense=False, residual=True, qk_int8=True),
+    dict(dtype="bf16", head_dim=128, dense=False, residual=True, rank=16, qk_int8=True),
 )
 
 

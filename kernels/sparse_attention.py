@@ -9,7 +9,9 @@ all key tiles and reads no index list.
 Numerics: fp16/bf16 inputs on the tensor cores, scores and the running max / sum / output in
 float32, ``exp2`` with ``scale * log2(e)`` folded into the scores. The epilogue divides by the
 softmax sum (a row with no kept tile has sum 0 and gets output 0) and adds the optional residual
-(SSAR's ``O = O_sparse + R``) before the one store.
+(SSAR's ``O = O_sparse + R``) and its optional low-rank term ``U @ W`` (SSAR's second order; the
+op's ``residual_u``, ``residual_v``): a ``[BLOCK_M, rank] x [rank, D]`` product per tile, so no
+``R + U @ W`` is ever materialized. Then the one store.
 
 Optional INT8 QK^T (SageAttention-style, ``qk_scales``): q and k arrive as int8 codes with one
 float32 scale per query tile / key tile (K smoothed by its mean first, see
@@ -101,18 +103,19 @@ def _attend_step(
 
 @triton.autotune(
     configs=HOPPER_CONFIGS + FALLBACK_CONFIGS,
-    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "QK_INT8", "LAYOUT_M"],
+    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "BLOCK_R", "QK_INT8", "LAYOUT_M"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, r_ptr, o_ptr, idx_ptr, cnt_ptr, q_scale_ptr, k_scale_ptr,
+    q_ptr, k_ptr, v_ptr, r_ptr, u_ptr, w_ptr, o_ptr, idx_ptr, cnt_ptr, q_scale_ptr, k_scale_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_rb, stride_rh, stride_rm, stride_ob, stride_oh, stride_om,
-    stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
-    H, Lq, Lk, D, qk_scale,
+    stride_rb, stride_rh, stride_rm, stride_ub, stride_uh, stride_um, stride_wb, stride_wh, stride_wr,
+    stride_ob, stride_oh, stride_om, stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
+    H, Lq, Lk, D, R, qk_scale,
     DENSE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QK_INT8: tl.constexpr, LAYOUT_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_TILES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    KEY_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -148,6 +151,14 @@ def _sparse_attention_kernel(
     if HAS_RESIDUAL:
         r_base = r_ptr + b.to(tl.int64) * stride_rb + h * stride_rh
         out += tl.load(r_base + offs_m[:, None] * stride_rm + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    if BLOCK_R > 0:  # the residual's low-rank term, U [Lq, R] @ W [R, D] of this (batch, head)
+        offs_r = tl.arange(0, BLOCK_R)
+        u_base = u_ptr + b.to(tl.int64) * stride_ub + h * stride_uh
+        u = tl.load(u_base + offs_m[:, None] * stride_um + offs_r[None, :],
+                    mask=(offs_m[:, None] < Lq) & (offs_r[None, :] < R), other=0)
+        w = tl.load(w_ptr + b * stride_wb + h * stride_wh + offs_r[:, None] * stride_wr + offs_d[None, :],
+                    mask=(offs_r[:, None] < R) & (offs_d[None, :] < D), other=0)
+        out = tl.dot(u, w.to(u.dtype), acc=out)
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -179,11 +190,13 @@ def sparse_attention(
     layout_block_m: int,
     layout_block_n: int,
     qk_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Attention of q ``[B, H, Lq, D]`` over k, v ``[B, H, Lk, D]`` (any strides but the last), the
     tiles kept by the bool ``layout`` (``[H | B, H, Mb, Nb]`` of ``layout_block_m x layout_block_n``
-    tiles, already validated) or all (None), plus ``residual``, in the dtype of v.
+    tiles, already validated) or all (None), plus ``residual`` and ``u @ w`` for
+    ``residual_factors = (u [B, H, Lq, R], w [B, H, R, D])``, in the dtype of v.
 
     With ``qk_scales`` = (float32 ``[B, H, ceil(Lq / layout_block_m)]``, ``[B, H, ceil(Lk / 64)]``),
     q and k are int8 codes, one scale per tile, and QK^T runs on the int8 tensor cores.
@@ -205,19 +218,24 @@ def sparse_attention(
     if residual is not None:
         residual = _rows_contiguous(residual)
     r_strides = residual.stride()[:3] if residual is not None else (0, 0, 0)
+    u, w = residual_factors if residual_factors is not None else (None, None)
+    if u is not None:
+        u, w = _rows_contiguous(u), _rows_contiguous(w)
+    rank = u.shape[-1] if u is not None else 0
     q_scales, k_scales = (s.contiguous() for s in qk_scales) if qk_scales is not None else (None, None)
     scale = d**-0.5 if scale is None else scale
 
     args = (
-        q, k, v, residual, out, idx, counts, q_scales, k_scales,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *r_strides, *out.stride()[:3],
-        *idx.stride()[:3], *counts.stride()[:2],
-        h, lq, lk, d, scale * math.log2(math.e),
+        q, k, v, residual, u, w, out, idx, counts, q_scales, k_scales,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *r_strides,
+        *(u.stride()[:3] if u is not None else (0, 0, 0)), *(w.stride()[:3] if w is not None else (0, 0, 0)),
+        *out.stride()[:3], *idx.stride()[:3], *counts.stride()[:2],
+        h, lq, lk, d, rank, scale * math.log2(math.e),
     )
     meta = dict(
         DENSE=layout is None, HAS_RESIDUAL=residual is not None, QK_INT8=qk_scales is not None,
         LAYOUT_M=layout_block_m,
-        BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d(d), BLOCK_R=block_d(rank) if rank else 0, BLOCK_N=BLOCK_N,
     )
 
     def grid(meta):

@@ -1,8 +1,10 @@
 """Pass ``second_order_reparam`` (SSAR): sparse attention gets a cached residual, threaded as state.
 
-Every ``qsc::sparse_attention`` of a sparsified layer takes one more program input, its residual
-cache ``ssar_<layer>`` (``[B, H, L, D]``, the op's ``residual``), which the kernel adds in its
-epilogue. The program so rewritten is the *step* program, run at sparse steps.
+Every ``qsc::sparse_attention`` of a sparsified layer takes three more program inputs, its
+residual cache: ``ssar_<layer>`` (``[B, H, L, D]``, the op's ``residual``) and the factors of its
+low-rank second-order term, ``ssar_<layer>_u`` (``[B, H, L, rank]``) and ``ssar_<layer>_v``
+(``[B, H, rank, D]``), all added in the kernel's epilogue. The program so rewritten is the *step*
+program, run at sparse steps.
 
 ``refresh_graph`` derives the *refresh* program from it, run every ``tau``-th step: each such
 attention computes dense and sparse attention, continues with the dense output, and returns the
@@ -21,6 +23,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qsc.graph import add_input, finalize, set_signature
+from qsc.lowrank import factor_width
 from qsc.pipeline import Pass, PassContext, PassResult
 
 from .sparsify_attention import LAYER_META, SPARSE_ATTENTION, sparse_attention_nodes
@@ -28,8 +31,18 @@ from .sparsify_attention import LAYER_META, SPARSE_ATTENTION, sparse_attention_n
 CACHE_PREFIX = "ssar_"
 
 
+# The op's keyword arguments that carry the cache, and the suffixes of their inputs' names.
+CACHE_ARGS = {"residual": "", "residual_u": "_u", "residual_v": "_v"}
+
+
 def cache_name(layer: str) -> str:
+    """The input of ``layer``'s residual; the refresh program returns it under this name too."""
     return CACHE_PREFIX + layer.replace(".", "_")
+
+
+def factor_names(cache: str) -> tuple[str, str]:
+    """The inputs of the low-rank term that goes with residual input ``cache``."""
+    return cache + CACHE_ARGS["residual_u"], cache + CACHE_ARGS["residual_v"]
 
 
 class SecondOrderReparam(Pass):
@@ -42,8 +55,12 @@ class SecondOrderReparam(Pass):
         for node in sparse_attention_nodes(gm.graph):
             layer = node.meta[LAYER_META]
             name = cache_name(layer)
-            cache = add_input(gm, name, node.meta["val"])
-            node.kwargs = {**node.kwargs, "residual": cache}
+            out = node.meta["val"]
+            *heads, rows, cols = out.shape
+            rank = factor_width(ctx.config.ssar_rank, rows, cols)
+            shapes = {"residual": out.shape, "residual_u": (*heads, rows, rank), "residual_v": (*heads, rank, cols)}
+            inputs = {arg: add_input(gm, name + suffix, shapes[arg], out.dtype) for arg, suffix in CACHE_ARGS.items()}
+            node.kwargs = {**node.kwargs, **inputs}
             caches[name] = layer
         ctx.analyses["ssar_caches"] = caches
         return PassResult(finalize(gm), modified=bool(caches))
@@ -55,9 +72,9 @@ def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
     graph = copy.deepcopy(step.graph)
     residuals = {}
     for node in sparse_attention_nodes(graph):
-        cache = node.kwargs["residual"]
+        cache_inputs = [node.kwargs[arg] for arg in CACHE_ARGS]
         with graph.inserting_before(node):
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "residual"}
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in CACHE_ARGS}
             dense = graph.call_function(SPARSE_ATTENTION, (*node.args[:3], None), kwargs)
             sparse = graph.call_function(SPARSE_ATTENTION, node.args, kwargs)
             residual = graph.call_function(torch.ops.aten.sub.Tensor, (dense, sparse))
@@ -66,8 +83,9 @@ def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
             new.meta = {k: v for k, v in node.meta.items() if k != LAYER_META}
         node.replace_all_uses_with(dense)
         graph.erase_node(node)
-        graph.erase_node(cache)
-        residuals[cache.target] = residual
+        for cache in cache_inputs:
+            graph.erase_node(cache)
+        residuals[cache_inputs[0].target] = residual
     output = graph.output_node()
     (out,) = output.args[0]
     output.args = ((out, *residuals.values()),)

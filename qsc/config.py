@@ -50,7 +50,8 @@ class CompileConfig:
     density: float = 1.0
     dense_attention: tuple[str, ...] = ()
     # SSAR: a dense refresh every ``ssar_tau`` denoising steps (0 = no residual correction), the
-    # rank of the SVD that denoises the second-order residual, and leading steps kept all dense.
+    # rank of the SVD that denoises the second-order residual (0 = not truncated), and leading
+    # steps kept all dense.
     ssar_tau: int = 0
     ssar_rank: int = 16
     dense_steps: int = 0

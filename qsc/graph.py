@@ -102,12 +102,12 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     return sites
 
 
-def add_input(gm: fx.GraphModule, name: str, like: torch.Tensor) -> fx.Node:
-    """A new keyword input ``name`` of the program, shaped like ``like``, after the existing ones."""
+def add_input(gm: fx.GraphModule, name: str, shape: Sequence[int], dtype: torch.dtype) -> fx.Node:
+    """A new keyword input ``name`` of the program, of ``shape`` and ``dtype``, after the existing ones."""
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         node = gm.graph.placeholder(name)
-    node.meta["val"] = torch.empty(like.shape, dtype=like.dtype, device="meta")
+    node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
     set_signature(gm)
     return node
 

@@ -53,19 +53,24 @@ def sparse_attention(
     residual: torch.Tensor | None = None,
     scale: float | None = None,
     qk_int8: bool = False,
+    residual_u: torch.Tensor | None = None,
+    residual_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention ``softmax(q k^T * scale) v`` over the kept tiles only, plus ``residual``.
+    """Block-sparse attention ``softmax(q k^T * scale) v`` over the kept tiles only, plus
+    ``residual + residual_u @ residual_v``.
 
     q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]`` (the layout of ``scaled_dot_product_attention``);
     layout: bool ``[H, ceil(Lq/128), ceil(Lk/64)]`` or ``[B, H, ...]``, tiles of 128 queries x 64
     keys (``reference.SPARSE_BLOCK_M/N``), None = dense; a query tile with no kept key tile gets 0.
     residual: optional ``[B, H, Lq, D]`` added to the output (SSAR's cached correction);
+    residual_u, residual_v: optional ``[B, H, Lq, R]`` and ``[B, H, R, D]``, a low-rank term of
+    the correction (SSAR's second order), both or neither;
     scale: softmax scale, default ``D ** -0.5``;
     qk_int8: compute q k^T from INT8 tiles of q and mean-smoothed k (``reference.quantize_qk``).
     """
-    return reference.sparse_attention(q, k, v, layout, residual, scale, qk_int8)
+    return reference.sparse_attention(q, k, v, layout, residual, scale, qk_int8, residual_u, residual_v)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, layout=None, residual=None, scale=None, qk_int8=False):
+def _(q, k, v, layout=None, residual=None, scale=None, qk_int8=False, residual_u=None, residual_v=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -10,8 +10,9 @@ into caches by the second-order rule of QuantSparse:
     cache = D(t_ref) + low_rank(D(t_ref) - D(t_ref_previous))
 
 (first order, ``cache = D``, at the first refresh), or with ``extrapolation = "linear"`` the
-second-order term scaled by the steps since the refresh (see ``_Branch``). The caches are
-explicit inputs and outputs of the programs; nothing here is hidden in them.
+second-order term scaled by the steps since the refresh (see ``_Branch``). The low-rank term stays
+factored (``qsc.lowrank``): the attention kernel adds ``D`` and ``U @ V`` in its epilogue. The
+caches are explicit inputs and outputs of the programs; nothing here is hidden in them.
 
 Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
 before are further branches of the same step (the conditional and unconditional calls of
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qsc.passes.second_order_reparam import factor_names
+
+from . import lowrank
 from .config import CompileConfig
 from .graph import state_inputs
 
@@ -42,55 +46,49 @@ class SSARSchedule:
         return step < self.dense_steps or (step - self.dense_steps) % self.tau == 0
 
 
-def low_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
-    """Rank-``rank`` truncated SVD of every head's ``[L, D]`` matrix of ``x`` ``[B, H, L, D]``.
-
-    Computed as the projection on the top ``rank`` right singular vectors, found from the small
-    ``D x D`` Gram matrix (``eigh``), not by an SVD of the tall ``L x D`` matrix: at 32760 tokens
-    that is one GEMM-sized pass over ``x`` instead of a cuSOLVER call per head.
-    """
-    if rank == 0 or rank >= min(x.shape[-2:]):
-        return x
-    xf = x.float()
-    gram = (xf.transpose(-1, -2) @ xf).double()  # [B, H, D, D]; the eigensolver in float64 is cheap here
-    top = torch.linalg.eigh(gram).eigenvectors[..., -rank:].to(xf.dtype)  # eigenvalues ascend
-    return ((xf @ top) @ top.transpose(-1, -2)).to(x.dtype)
-
-
 @dataclass
 class _Branch:
     """One stream of calls (e.g. the conditional branch of guidance): what its refreshes measured.
 
-    The correction of a sparse step is ``D`` after the first refresh (first order), then
-    ``D + w * low_rank(D - D_previous)``. ``hold`` (QuantSparse): ``w = 1`` until the next refresh;
-    the cache is computed once, in the memory of the change, so a layer holds two tensors (D for
-    the next change, and the cache). ``linear``: ``w = k / interval`` at the k-th step after the
-    refresh, following the residual's trend step by step: three tensors per layer, one addition per
-    layer and step.
+    The correction of a sparse step is ``D + w * U @ V``, with ``U @ V = 0`` after the first refresh
+    (first order), then ``low_rank(D - D_previous)``. ``hold`` (QuantSparse): ``w = 1`` until the
+    next refresh. ``linear``: ``w = k / interval`` at the k-th step after the refresh, following the
+    residual's trend step by step. Either way a layer keeps D and two thin factors (``rank / head
+    dim`` of D's size each); the per-step weight scales the small ``V``.
     """
 
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # D at the last refresh
-    changes: dict[str, torch.Tensor] = field(default_factory=dict)  # hold: the cache; linear: the change
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (U, V) per cache
     refreshed_at: int = -1
-    interval: int = 0  # steps between the last two refreshes
+    interval: int = 0  # steps between the last two refreshes; 0 before the second
 
     def refresh(self, residuals: dict[str, torch.Tensor], step: int, schedule: SSARSchedule) -> None:
-        changes = {}
         if self.residuals:
-            changes = {k: low_rank(d - self.residuals[k], schedule.rank) for k, d in residuals.items()}
+            previous = [self.residuals[k] for k in residuals]
+            changes = lowrank.change_factors(list(residuals.values()), previous, schedule.rank)
+            self.factors = dict(zip(residuals, changes, strict=True))
             self.interval = step - self.refreshed_at
-            if schedule.extrapolation == "hold":
-                for k, d in residuals.items():
-                    changes[k].add_(d)
-        self.residuals, self.changes, self.refreshed_at = residuals, changes, step
+        else:
+            self.factors = {k: _zero_factors(d, schedule.rank) for k, d in residuals.items()}
+        self.residuals, self.refreshed_at = residuals, step
 
     def caches(self, step: int, extrapolation: str) -> dict[str, torch.Tensor]:
-        if not self.changes:
-            return self.residuals
-        if extrapolation == "hold":
-            return self.changes
-        weight = (step - self.refreshed_at) / self.interval
-        return {k: torch.add(d, self.changes[k], alpha=weight) for k, d in self.residuals.items()}
+        """The step program's cache inputs at ``step``."""
+        linear = extrapolation == "linear" and self.interval
+        weight = (step - self.refreshed_at) / self.interval if linear else 1.0
+        caches = {}
+        for name, d in self.residuals.items():
+            u, v = self.factors[name]
+            u_name, v_name = factor_names(name)
+            caches.update({name: d, u_name: u, v_name: v * weight if weight != 1.0 else v})
+        return caches
+
+
+def _zero_factors(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero low-rank term of the width the step program takes for residuals like ``d``."""
+    *heads, rows, cols = d.shape
+    width = lowrank.factor_width(rank, rows, cols)
+    return d.new_zeros(*heads, rows, width), d.new_zeros(*heads, width, cols)
 
 
 class SSARRuntime(torch.nn.Module):
@@ -118,6 +116,10 @@ class SSARRuntime(torch.nn.Module):
     def residuals(self, branch: int = 0) -> dict[str, torch.Tensor]:
         """The residuals ``D`` of ``branch``'s last refresh (empty before its first)."""
         return self._branches[branch].residuals if branch < len(self._branches) else {}
+
+    def caches(self, branch: int = 0) -> dict[str, torch.Tensor]:
+        """The cache inputs ``branch``'s step program got, or gets, at the current step."""
+        return self._branches[branch].caches(self.step_index, self.schedule.extrapolation)
 
     def uncorrected(self, **inputs: torch.Tensor) -> torch.Tensor:
         """One sparse step with zero caches, outside the schedule: what sparsity alone does to an input."""

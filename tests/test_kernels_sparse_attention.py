@@ -38,16 +38,24 @@ def _assert_close(out, ref):
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
+def _factors(b, h, lq, d, rank, dtype, seed):
+    """A low-rank residual term: u ``[B, H, Lq, rank]``, w ``[B, H, rank, D]``."""
+    g = gen(seed)
+    return randn(b, h, lq, rank, seed=g).to(dtype), randn(b, h, rank, d, seed=g).to(dtype)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.15, 0.4, 1.0])
 @pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_matches_reference(density, dtype, with_residual):
+@pytest.mark.parametrize("correction", [None, "residual", "residual+low_rank"])
+def test_matches_reference(density, dtype, correction):
     b, h, lq, lk, d = 1, 2, 300, 200, 32  # 3 query tiles (the last ragged) x 4 key tiles (ragged)
     q, k, v = _qkv(b, h, lq, lk, d, dtype, seed=int(density * 100))
     layout = _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=1)
-    residual = randn(b, h, lq, d, seed=2).to(dtype) if with_residual else None
-    out = triton_backend.sparse_attention(q, k, v, layout, residual, None)
-    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None))
+    residual = randn(b, h, lq, d, seed=2).to(dtype) if correction else None
+    low_rank = correction == "residual+low_rank"
+    u, w = _factors(b, h, lq, d, 5, dtype, seed=3) if low_rank else (None, None)  # rank 5, padded to 16
+    out = triton_backend.sparse_attention(q, k, v, layout, residual, None, False, u, w)
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, False, u, w))
 
 
 def test_empty_rows_give_the_residual_or_zero():
@@ -55,10 +63,13 @@ def test_empty_rows_give_the_residual_or_zero():
     q, k, v = _qkv(b, h, lq, lk, d, torch.float32, seed=3)
     layout = _layout((h, *reference.block_layout_shape(lq, lk)), 0.5, seed=4)
     residual = randn(b, h, lq, d, seed=5)
+    u, w = _factors(b, h, lq, d, 16, torch.float32, seed=6)
     rows = slice(reference.SPARSE_BLOCK_M, 2 * reference.SPARSE_BLOCK_M)  # query tile 1 of head 0
     with_residual = triton_backend.sparse_attention(q, k, v, layout, residual, None)
+    with_factors = triton_backend.sparse_attention(q, k, v, layout, residual, None, False, u, w)
     without = triton_backend.sparse_attention(q, k, v, layout, None, None)
     assert torch.equal(with_residual[0, 0, rows], residual[0, 0, rows])
+    _assert_close(with_factors[0, 0, rows], residual[0, 0, rows] + u[0, 0, rows] @ w[0, 0])
     assert torch.count_nonzero(without[0, 0, rows]) == 0
     assert torch.isfinite(without).all()
 
@@ -82,11 +93,13 @@ def test_strided_inputs_odd_head_dim_and_batch_layouts(block_m, key_tiles):
     q, k, v = (randn(b, n, h, d, seed=g).half().transpose(1, 2) for n in (lq, lk, lk))
     layout = _layout((b, h, *reference.block_layout_shape(lq, lk)), 0.5, seed=8)
     residual = randn(b, h, lq, d, seed=g).half()
+    u = randn(b, lq, h, 16, seed=g).half().transpose(1, 2)  # strided too
+    w = randn(b, h, 16, d, seed=g).half()
     out = kernel.sparse_attention(
         q, k, v, layout, residual, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N,
-        config=kernel._config(block_m, stages=2, warps=4, key_tiles=key_tiles),
+        residual_factors=(u, w), config=kernel._config(block_m, stages=2, warps=4, key_tiles=key_tiles),
     )
-    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None))
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, False, u, w))
 
 
 @pytest.mark.parametrize("density", [None, 0.15, 0.4, 0.7])
@@ -138,17 +151,28 @@ def test_layout_shape_and_dtype_are_checked(bad):
 
 def test_op_exports_with_its_layout():
     class Attention(torch.nn.Module):
-        def forward(self, q, k, v, layout, residual):
-            return torch.ops.qsc.sparse_attention(q, k, v, layout, residual)
+        def forward(self, q, k, v, layout, residual, u, w):
+            return torch.ops.qsc.sparse_attention(q, k, v, layout, residual, residual_u=u, residual_v=w)
 
     q, k, v = _qkv(1, 2, 130, 70, 16, torch.float32, seed=10)
     layout = _layout((2, *reference.block_layout_shape(130, 70)), 0.5, seed=11)
-    residual = torch.zeros_like(q)
-    ep = torch.export.export(Attention(), (q, k, v, layout, residual))
+    args = (q, k, v, layout, torch.zeros_like(q), *_factors(1, 2, 130, 16, 4, torch.float32, seed=12))
+    ep = torch.export.export(Attention(), args)
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.qsc.sparse_attention.default in targets
-    expected = reference.sparse_attention(q, k, v, layout, residual, None)
-    torch.testing.assert_close(ep.module()(q, k, v, layout, residual), expected)
+    expected = reference.sparse_attention(*args[:5], None, False, *args[5:])
+    torch.testing.assert_close(ep.module()(*args), expected)
+
+
+@pytest.mark.parametrize(
+    "shapes", [((1, 2, 300, 4), None), ((1, 2, 300, 4), (1, 2, 5, 16)), ((1, 2, 299, 4), (1, 2, 4, 16))]
+)
+def test_residual_factors_are_checked(shapes):
+    q, k, v = _qkv(1, 2, 300, 200, 16, torch.float32, seed=9)
+    u, w = (None if s is None else torch.zeros(s, device=DEVICE) for s in shapes)
+    for backend in (reference, triton_backend):
+        with pytest.raises(InputError, match="residual factors"):
+            backend.sparse_attention(q, k, v, None, None, None, False, u, w)
 
 
 @pytest.mark.parametrize("density", [None, 0.4])
@@ -157,9 +181,10 @@ def test_int8_qk_matches_reference(density):
     q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=12)
     layout = None if density is None else _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=13)
     residual = randn(b, h, lq, d, seed=14).half()
-    out = triton_backend.sparse_attention(q, k, v, layout, residual, None, True)
+    u, w = _factors(b, h, lq, d, 16, torch.float16, seed=15)
+    out = triton_backend.sparse_attention(q, k, v, layout, residual, None, True, u, w)
     assert out.dtype == torch.float16
-    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, True))
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, True, u, w))
 
 
 @pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])

@@ -9,7 +9,9 @@ from qsc.calibration import CalibrationSet
 from qsc.errors import ConfigError
 from qsc.frontend import DenoiserAdapter
 from qsc.passes.sparsify_attention import TileMass
-from qsc.runtime import SSARRuntime, SSARSchedule, low_rank
+from qsc.graph import state_inputs
+from qsc.lowrank import change_factors
+from qsc.runtime import SSARRuntime, SSARSchedule
 
 from tiny_models import tiny_model
 
@@ -143,20 +145,30 @@ def test_only_unmasked_non_causal_self_attention_is_sparsified():
 def test_a_step_with_the_residual_of_its_own_input_is_the_dense_output(wan):
     """Refresh: O_dense, and D = O_dense - O_sparse per layer. A sparse step on the same input with
     the first-order cache D must give O_dense back: sparse attention + D is dense attention."""
-    result = _compile(wan, density=0.25, ssar_tau=5)
+    result = _compile(wan, density=0.25, ssar_tau=5, ssar_rank=0)  # 0: low-rank term of full width
     runtime = result.module
     assert isinstance(runtime, SSARRuntime)
     sample = wan[1].sample(0)
+    zeros = state_inputs(runtime.step_program, sample)
     with torch.no_grad():
         dense_out, residuals = runtime.refresh_program(**sample)
         assert set(residuals) == {"ssar_blocks_0_attn1", "ssar_blocks_1_attn1"}
         assert all(r.abs().max() > 0 for r in residuals.values())
-        corrected = runtime.step_program(**sample, **residuals)
-        uncorrected = runtime.step_program(**sample, **{k: torch.zeros_like(r) for k, r in residuals.items()})
+        corrected = runtime.step_program(**sample, **{**zeros, **residuals})
+        uncorrected = runtime.step_program(**sample, **zeros)
+        # The same correction given as the low-rank term instead: D = D @ I.
+        as_factors = {}
+        for name, d in residuals.items():
+            (u, v), = change_factors([d], [torch.zeros_like(d)], 0)
+            as_factors.update({f"{name}_u": u, f"{name}_v": v})
+        corrected_by_factors = runtime.step_program(**sample, **{**zeros, **as_factors})
     torch.testing.assert_close(corrected, dense_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(corrected_by_factors, dense_out, rtol=1e-4, atol=1e-5)
     assert (uncorrected - dense_out).abs().max() > 100 * (corrected - dense_out).abs().max()
-    # The step program takes the caches as inputs; the refresh program returns them.
-    assert [s.arg.name for s in result.program.graph_signature.input_specs if s.arg.name.startswith("ssar_")]
+    # The step program takes the caches as inputs (residual and its two factors per layer); the
+    # refresh program returns the residuals.
+    assert sorted(zeros) == sorted(f"{name}{suffix}" for name in residuals for suffix in ("", "_u", "_v"))
+    assert zeros["ssar_blocks_0_attn1_u"].shape[-1] == zeros["ssar_blocks_0_attn1_v"].shape[-2] == 32
     assert len(result.refresh_program.graph_signature.user_outputs) == 3
 
 
@@ -172,7 +184,8 @@ class _Recorder(torch.nn.Module):
         if self.kind == "refresh":
             self.log.append(("refresh", t))
             return torch.tensor(t), {"ssar_a": torch.full((1, 1, 4, 2), t)}
-        self.log.append(("step", t, float(inputs["ssar_a"][0, 0, 0, 0])))
+        correction = inputs["ssar_a"] + inputs["ssar_a_u"] @ inputs["ssar_a_v"]
+        self.log.append(("step", t, float(correction[0, 0, 0, 0])))
         return torch.tensor(t)
 
 
@@ -218,16 +231,43 @@ def test_dense_steps_all_refresh():
     assert [entry[0] for entry in log] == ["refresh", "refresh", "refresh", "step", "step"]
 
 
-def test_low_rank_is_the_best_rank_r_approximation_of_each_head():
+def _truncated(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    (u, v), = change_factors([x], [torch.zeros_like(x)], rank)
+    return u, v
+
+
+def test_low_rank_factors_are_the_truncated_svd_of_each_head():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 40, 8, generator=g)
-    assert torch.equal(low_rank(x, 0), x) and torch.equal(low_rank(x, 8), x)
-    approx = low_rank(x, 4)
-    assert (torch.linalg.matrix_rank(approx) == 4).all()
-    # Eckart-Young: the error of the best rank-4 approximation is the tail of the singular values.
-    s = torch.linalg.svdvals(x)
-    err = torch.linalg.matrix_norm(x - approx)
-    torch.testing.assert_close(err, s[..., 4:].square().sum(-1).sqrt(), rtol=1e-4, atol=1e-5)
+    for rank in (0, 8):  # not truncated: the matrix itself, times the identity
+        u, v = _truncated(x, rank)
+        assert torch.equal(u, x) and torch.equal(v, torch.eye(8).expand(2, 3, 8, 8))
+    # A decaying spectrum (as residual changes have): the best rank-8 approximation, exactly.
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+    x = torch.randn(2, 3, 300, 64, generator=g) @ torch.diag(torch.logspace(0, -3, 64)) @ basis
+    u, v = _truncated(x, 8)
+    assert u.shape == (2, 3, 300, 8) and v.shape == (2, 3, 8, 64)
+    torch.testing.assert_close(v @ v.mT, torch.eye(8).expand(2, 3, 8, 8), rtol=0, atol=1e-5)
+    left, s, right = torch.linalg.svd(x, full_matrices=False)
+    best = (left[..., :8] * s[..., None, :8]) @ right[..., :8, :]
+    torch.testing.assert_close(u @ v, best, rtol=0, atol=1e-4 * float(s[..., 0].max()))
+    # A flat spectrum (noise) is the hardest case for the iteration: still within 1% of optimal.
+    x = torch.randn(2, 3, 300, 64, generator=g)
+    u, v = _truncated(x, 8)
+    optimal = torch.linalg.svdvals(x)[..., 8:].square().sum(-1).sqrt()
+    assert (torch.linalg.matrix_norm(x - u @ v) < 1.01 * optimal).all()
+    # No change at all: zero factors, not NaN.
+    u, v = _truncated(torch.zeros(1, 2, 100, 64), 8)
+    assert not u.any() and not v.any()
+
+
+def test_the_layers_of_a_refresh_are_factored_together_as_each_alone():
+    g = torch.Generator().manual_seed(1)
+    new, old = ([torch.randn(1, 2, 200, 64, generator=g) for _ in range(3)] for _ in range(2))
+    together = change_factors(new, old, 8)
+    for a, b, (u, v) in zip(new, old, together, strict=True):
+        (u_alone, v_alone), = change_factors([a], [b], 8)
+        torch.testing.assert_close(u @ v, u_alone @ v_alone, rtol=0, atol=1e-4)
 
 
 # --- Presets, artifact, determinism ----------------------------------------------------------------
@@ -271,8 +311,7 @@ def test_uncorrected_is_the_sparse_step_with_zero_caches_outside_the_schedule(wa
     sample = wan[1].sample(0)
     with torch.no_grad():
         uncorrected = runtime.uncorrected(**sample)
-        zero_caches = {k: torch.zeros_like(v) for k, v in runtime.refresh_program(**sample)[1].items()}
-        assert torch.equal(uncorrected, runtime.step_program(**sample, **zero_caches))
+        assert torch.equal(uncorrected, runtime.step_program(**sample, **state_inputs(runtime.step_program, sample)))
     assert runtime.step_index == -1 and runtime.residuals() == {}
 
 
@@ -290,6 +329,7 @@ def test_ssar_follows_the_dense_program_along_a_trajectory_better_than_sparse_al
             reference = dense.module(**inputs)
             corrected = ssar.module(**inputs)
             if not ssar.module.schedule.refreshes(ssar.module.step_index):
+                assert ssar.module.caches()["ssar_blocks_0_attn1_u"].shape[-1] == 16  # head dim 32, rank 16
                 uncorrected = ssar.module.uncorrected(**inputs)
                 errors.append((qsc.metrics.relative_l2(corrected, reference), qsc.metrics.relative_l2(uncorrected, reference)))
             x = x - 0.1 * reference
