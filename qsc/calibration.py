@@ -84,6 +84,13 @@ class CalibrationSet:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return (self.sample(i) for i in range(len(self)))
 
+    def spread(self, count: int) -> list[int]:
+        """Indices of ``count`` samples evenly spaced over the set, first and last included (all if
+        it holds fewer). Recorded sets are ordered prompt by prompt, step by step: an even spread
+        covers every prompt and the whole trajectory where the first ``count`` would cover one
+        prompt's start."""
+        return torch.linspace(0, len(self) - 1, min(count, len(self))).round().long().unique().tolist()
+
     def subset(self, indices: Sequence[int]) -> "CalibrationSet":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return CalibrationSet(

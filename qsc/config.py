@@ -57,7 +57,7 @@ class CompileConfig:
     dense_steps: int = 0
     # "hold": D + low_rank(D - D_prev) until the next refresh (QuantSparse); "linear": the second
     # term scaled by the steps since the refresh over the steps between the last two refreshes
-    # (benchmarks/README.md: better on every quality column of the reference model).
+    # (benchmarks/README.md: better PSNR, SSIM and FD on the reference model, the same adherence).
     ssar_extrapolation: str = "linear"
     seed: int = 0
     backend: str = "reference"

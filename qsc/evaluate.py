@@ -25,23 +25,34 @@ def evaluate(
     samples: int = 4,
     trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-sample relative L2, cosine and PSNR of the artifact against the FP model.
+    """Per-sample relative L2, cosine and PSNR of the artifact against the FP model, on ``samples``
+    held-out calls evenly spread over the held-out set.
 
-    Samples are independent inputs, not a trajectory: an SSAR artifact is measured by its sparse
-    step without correction (what the compile report shows too); its corrected quality over whole
-    videos is what ``benchmarks/quality.py`` measures."""
+    An SSAR artifact runs its schedule along the held-out trajectory (the bundled model's sampler,
+    or the recorded calls of ``data``, in order): every call gets the FP trajectory's input, and
+    the sparse steps are corrected by what the refreshes before them measured, as in a sampling
+    loop. Synthetic inputs are independent samples, not a trajectory: there it is measured by its
+    sparse step without correction (what the compile report shows too). Its quality over whole
+    generated videos is what ``benchmarks/quality.py`` measures."""
     manifest = read_manifest(artifact)
     compressed = load(artifact)
     source = load_model(model, trust_pickle=trust_pickle) if model else reload_model(manifest["source"], trust_pickle=trust_pickle)
     fp = _fp_callable(source)
-    held_out = _held_out(data, source, samples, manifest["config"]["seed"] + HELD_OUT_SEED_OFFSET)
+    held_out, is_trajectory = _held_out(data, source, samples, manifest["config"]["seed"] + HELD_OUT_SEED_OFFSET)
+    picks = held_out.spread(samples)
+    runtime = compressed.program if isinstance(compressed.program, SSARRuntime) else None
+    along_trajectory = runtime is not None and is_trajectory
     dtype = model_dtype(fp)
     rows = []
     with torch.no_grad():
-        for i in range(min(samples, len(held_out))):
+        for i in range(len(held_out)) if along_trajectory else picks:
             sample = cast_inputs(held_out.sample(i), dtype)
-            out = compressed.program.uncorrected(**sample) if isinstance(compressed.program, SSARRuntime) else compressed(**sample)
-            rows.append({"sample": i, **output_metrics(out, fp(**sample))})
+            if runtime is not None and not along_trajectory:
+                out = runtime.uncorrected(**sample)  # no trajectory to run the schedule along
+            else:
+                out = compressed(**sample)
+            if i in picks:
+                rows.append({"sample": i, **output_metrics(out, fp(**sample))})
     return rows
 
 
@@ -49,24 +60,24 @@ def _fp_callable(source: ModelSource) -> torch.nn.Module:
     return source.program.module() if source.program is not None else DenoiserAdapter(source.module).eval()
 
 
-def _held_out(data: Any, source: ModelSource, samples: int, seed: int) -> CalibrationSet:
+def _held_out(data: Any, source: ModelSource, samples: int, seed: int) -> tuple[CalibrationSet, bool]:
+    """The held-out calls, and whether they are a trajectory (sampling order) or independent."""
     if data is not None:
-        return CalibrationSet.load(data)
+        return CalibrationSet.load(data), True
     if source.description.get("kind") == "bundled":
-        return _reference_model_held_out(source.module, samples)
+        return _reference_model_held_out(source.module), True
     if source.module is None:
         from .errors import InputError
 
         raise InputError("evaluating against a .pt2 program needs held-out inputs: pass --data FILE")
-    return synthetic_calibration(source.module, samples, seed)
+    return synthetic_calibration(source.module, samples, seed), False
 
 
-def _reference_model_held_out(model: torch.nn.Module, samples: int) -> CalibrationSet:
-    """Denoiser calls of the reference sampler on an evaluation prompt and seed (disjoint from the
-    calibration ones), evenly spread over the trajectory."""
+def _reference_model_held_out(model: torch.nn.Module) -> CalibrationSet:
+    """Every denoiser call of the reference sampler on an evaluation prompt and seed (disjoint from
+    the calibration ones)."""
     from .refmodel import as_denoiser
     from .refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
     from .refmodel.recording import record_sampler
 
-    trajectory = record_sampler(as_denoiser(model), EVAL_PROMPTS[:1], [EVAL_SEED_BASE])
-    return trajectory.subset(torch.linspace(0, len(trajectory) - 1, samples).round().long().tolist())
+    return record_sampler(as_denoiser(model), EVAL_PROMPTS[:1], [EVAL_SEED_BASE])

@@ -54,14 +54,8 @@ class PassContext:
         self.analyses.setdefault("calibration", self.calibration)
 
     def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
-        """The samples passes calibrate on: ``config.calib_samples`` of the set, evenly spaced.
-
-        Recorded sets are ordered prompt by prompt, step by step; an even spread covers every
-        prompt and the whole trajectory where the first N samples would cover one prompt's start.
-        """
-        n = min(self.config.calib_samples, len(self.calibration))
-        picks = torch.linspace(0, len(self.calibration) - 1, n).round().long().unique()
-        return [self.calibration.sample(i) for i in picks.tolist()]
+        """The samples passes calibrate on: ``config.calib_samples`` of the set, evenly spaced."""
+        return [self.calibration.sample(i) for i in self.calibration.spread(self.config.calib_samples)]
 
 
 class Pass:

@@ -7,10 +7,11 @@ import torch
 import qsc
 from qsc.calibration import CalibrationSet
 from qsc.errors import ConfigError
+from qsc.evaluate import evaluate
 from qsc.frontend import DenoiserAdapter
-from qsc.passes.sparsify_attention import TileMass
 from qsc.graph import state_inputs
 from qsc.lowrank import change_factors
+from qsc.passes.sparsify_attention import TileMass
 from qsc.runtime import SSARRuntime, SSARSchedule
 
 from tiny_models import tiny_model
@@ -334,3 +335,29 @@ def test_ssar_follows_the_dense_program_along_a_trajectory_better_than_sparse_al
                 errors.append((qsc.metrics.relative_l2(corrected, reference), qsc.metrics.relative_l2(uncorrected, reference)))
             x = x - 0.1 * reference
     assert len(errors) == 4 and all(c < u for c, u in errors), errors
+
+
+def test_eval_runs_an_ssar_artifact_along_the_held_out_trajectory(wan, tmp_path):
+    """``qsc eval --data`` on a recorded trajectory: refresh steps are dense (quantization error
+    only) and the sparse steps between are corrected, closer to the FP model than uncorrected."""
+    model, _ = wan
+    model.save_pretrained(tmp_path / "wan")
+    artifact = _compile(wan, density=0.25, ssar_tau=3).save(tmp_path / "s.qsc")
+    fp = DenoiserAdapter(model)
+    x = wan[1].sample(0)["hidden_states"].clone()
+    text = wan[1].sample(0)["encoder_hidden_states"]
+    steps = []
+    with torch.no_grad():
+        for t in range(900, 300, -100):  # Euler steps of the FP model: its trajectory
+            steps.append({"hidden_states": x, "timestep": torch.tensor([t]), "encoder_hidden_states": text})
+            x = x - 0.1 * fp(**steps[-1])
+    CalibrationSet.from_samples(steps).save(tmp_path / "trajectory.pt")
+
+    rows = evaluate(artifact, model=tmp_path / "wan", data=tmp_path / "trajectory.pt", samples=len(steps))
+    runtime = qsc.load(artifact).program
+    with torch.no_grad():
+        uncorrected = [qsc.metrics.relative_l2(runtime.uncorrected(**s), fp(**s)) for s in steps]
+    assert [r["sample"] for r in rows] == list(range(6))
+    refreshes, corrected = [rows[i]["rel_l2"] for i in (0, 3)], [rows[i]["rel_l2"] for i in (1, 2, 4, 5)]
+    assert max(refreshes) < min(corrected)
+    assert all(rows[i]["rel_l2"] < uncorrected[i] for i in (1, 2, 4, 5)), (rows, uncorrected)

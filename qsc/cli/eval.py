@@ -15,12 +15,19 @@ from . import stdout
 @click.option("--model", type=click.Path(exists=True), default=None,
               help="the FP model to compare with [default: the one in the artifact's manifest]")
 @click.option("--data", type=click.Path(), default=None,
-              help="held-out inputs (calibration-format file) [default: synthetic, seed = compile seed + 1]")
-@click.option("-n", "--samples", type=int, default=4, show_default=True, help="number of held-out samples")
+              help="held-out inputs (calibration-format file, recorded calls in sampling order) "
+                   "[default: the bundled model's sampler on an evaluation prompt, else synthetic with seed = "
+                   "compile seed + 1]")
+@click.option("-n", "--samples", type=int, default=4, show_default=True,
+              help="number of held-out calls measured, evenly spread")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the rows as JSON")
 @click.option("--trust-pickle", is_flag=True, help="allow loading a pickled FP nn.Module")
 def eval_command(artifact, model, data, samples, json_out, trust_pickle):
-    """Compare ARTIFACT's outputs with the FP model's on held-out inputs (relative L2, cosine, PSNR)."""
+    """Compare ARTIFACT's outputs with the FP model's on held-out inputs (relative L2, cosine, PSNR).
+
+    An SSAR artifact (sparse attention with residual caches) runs its refresh schedule along the
+    held-out trajectory; on synthetic inputs, which are no trajectory, its sparse step is measured
+    without correction."""
     from qsc.evaluate import evaluate
     from qsc.fsutil import atomic_file
     from qsc.report import metrics_table
