@@ -39,9 +39,9 @@ def _config(bm: int, stages: int, warps: int, key_tiles: int = 1) -> triton.Conf
 
 # BLOCK_N is the layout's key tile (64). A main-loop step takes KEY_TILES kept tiles of a row at
 # once (their keys need not be adjacent). With two, the per-step softmax bookkeeping (row max,
-# rescaling the accumulator) is paid once per 128 keys: on sm_90 that is 410 instead of 499 SASS
-# instructions per thread per 64 keys. BLOCK_M must divide the layout's query tile (128) so that a
-# program reads one layout row.
+# rescaling the accumulator) is paid once per 128 keys: on sm_90 that is 407 instead of 498 SASS
+# instructions per thread per 64 keys (benchmarks/results/aot-2026-11-21.jsonl). BLOCK_M must
+# divide the layout's query tile (128) so that a program reads one layout row.
 BLOCK_N = 64
 MAX_BLOCK_M = 128
 # Hopper: 128 queries x d=128 per program with 8 warps is the FlashAttention-2 sweet spot; deeper
@@ -180,6 +180,11 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _head_strides(t: torch.Tensor | None) -> tuple[int, ...]:
+    """Batch, head and row strides of an optional ``[B, H, rows, cols]`` operand (0s when absent)."""
+    return t.stride()[:3] if t is not None else (0, 0, 0)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,21 +220,16 @@ def sparse_attention(
         idx, counts = layout_to_indices(layout.to(q.device))
         # A per-head layout is shared by the batch: stride 0 along B.
         idx, counts = idx.expand(b, h, *idx.shape[-2:]), counts.expand(b, h, counts.shape[-1])
-    if residual is not None:
-        residual = _rows_contiguous(residual)
-    r_strides = residual.stride()[:3] if residual is not None else (0, 0, 0)
     u, w = residual_factors if residual_factors is not None else (None, None)
-    if u is not None:
-        u, w = _rows_contiguous(u), _rows_contiguous(w)
+    residual, u, w = (None if t is None else _rows_contiguous(t) for t in (residual, u, w))
     rank = u.shape[-1] if u is not None else 0
     q_scales, k_scales = (s.contiguous() for s in qk_scales) if qk_scales is not None else (None, None)
     scale = d**-0.5 if scale is None else scale
 
     args = (
         q, k, v, residual, u, w, out, idx, counts, q_scales, k_scales,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *r_strides,
-        *(u.stride()[:3] if u is not None else (0, 0, 0)), *(w.stride()[:3] if w is not None else (0, 0, 0)),
-        *out.stride()[:3], *idx.stride()[:3], *counts.stride()[:2],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_head_strides(residual), *_head_strides(u),
+        *_head_strides(w), *out.stride()[:3], *idx.stride()[:3], *counts.stride()[:2],
         h, lq, lk, d, rank, scale * math.log2(math.e),
     )
     meta = dict(

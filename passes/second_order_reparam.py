@@ -23,7 +23,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qsc.graph import add_input, finalize, set_signature
-from qsc.lowrank import factor_width
+from qsc.lowrank import factor_shapes
 from qsc.pipeline import Pass, PassContext, PassResult
 
 from .sparsify_attention import LAYER_META, SPARSE_ATTENTION, sparse_attention_nodes
@@ -56,9 +56,8 @@ class SecondOrderReparam(Pass):
             layer = node.meta[LAYER_META]
             name = cache_name(layer)
             out = node.meta["val"]
-            *heads, rows, cols = out.shape
-            rank = factor_width(ctx.config.ssar_rank, rows, cols)
-            shapes = {"residual": out.shape, "residual_u": (*heads, rows, rank), "residual_v": (*heads, rank, cols)}
+            u_shape, v_shape = factor_shapes(out.shape, ctx.config.ssar_rank)
+            shapes = {"residual": out.shape, "residual_u": u_shape, "residual_v": v_shape}
             inputs = {arg: add_input(gm, name + suffix, shapes[arg], out.dtype) for arg, suffix in CACHE_ARGS.items()}
             node.kwargs = {**node.kwargs, **inputs}
             caches[name] = layer

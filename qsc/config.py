@@ -44,7 +44,7 @@ class CompileConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on layer paths: removed from candidates
     weight_only_bits: int = 8  # the other linears: int weights, float activations (0 = keep float)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes: linears never quantized
-    calib_samples: int = 16  # calibration samples used (the first N of the set)
+    calib_samples: int = 16  # calibration samples used, evenly spread over the set
     # Attention sparsity: the fraction of 128-query x 64-key tiles each self-attention computes
     # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
     density: float = 1.0
@@ -82,10 +82,13 @@ class CompileConfig:
             raise ConfigError(f"density must be in (0, 1] (1 = dense attention), got {self.density}")
         if self.ssar_tau < 0 or self.ssar_rank < 0 or self.dense_steps < 0:
             raise ConfigError(
-                f"ssar_tau, ssar_rank and dense_steps must be >= 0, got {self.ssar_tau}, {self.ssar_rank}, {self.dense_steps}"
+                "ssar_tau, ssar_rank and dense_steps must be >= 0, "
+                f"got {self.ssar_tau}, {self.ssar_rank}, {self.dense_steps}"
             )
         if self.ssar_extrapolation not in SSAR_EXTRAPOLATIONS:
-            raise ConfigError(f"ssar_extrapolation must be one of {SSAR_EXTRAPOLATIONS}, got {self.ssar_extrapolation!r}")
+            raise ConfigError(
+                f"ssar_extrapolation must be one of {SSAR_EXTRAPOLATIONS}, got {self.ssar_extrapolation!r}"
+            )
         if self.ssar_tau and self.density == 1.0:
             raise ConfigError("ssar_tau > 0 corrects sparse attention: set density below 1 (or ssar_tau = 0)")
         if self.backend not in BACKENDS:

@@ -28,13 +28,21 @@ def factor_width(rank: int, rows: int, cols: int) -> int:
     return cols if rank == 0 or rank >= min(rows, cols) else rank
 
 
+def factor_shapes(shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of the factors ``u``, ``v`` of ``[..., L, D]`` matrices at ``rank``."""
+    *batch, rows, cols = shape
+    width = factor_width(rank, rows, cols)
+    return (*batch, rows, width), (*batch, width, cols)
+
+
 def change_factors(
     new: Sequence[torch.Tensor], old: Sequence[torch.Tensor], rank: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each pair of same-shaped ``[..., L, D]`` tensors, ``(u [..., L, r], v [..., r, D])`` with
     ``u @ v`` the rank-``rank`` truncated SVD of each matrix of ``new - old``
     (``r = factor_width(rank, L, D)``), in new's dtype; ``v`` has orthonormal rows. Each difference
-    exists only while its layer is worked on, never all at once."""
+    is formed twice (for the Gram matrix, then for ``u``) rather than kept: at Wan's sizes all of
+    them at once would be another full set of residuals in memory."""
     rows, cols = new[0].shape[-2:]
     if factor_width(rank, rows, cols) == cols:
         return [(a - b, torch.eye(cols, dtype=a.dtype, device=a.device).expand(*a.shape[:-2], cols, cols))

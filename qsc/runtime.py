@@ -80,15 +80,14 @@ class _Branch:
         for name, d in self.residuals.items():
             u, v = self.factors[name]
             u_name, v_name = factor_names(name)
-            caches.update({name: d, u_name: u, v_name: v * weight if weight != 1.0 else v})
+            caches.update({name: d, u_name: u, v_name: v * weight})
         return caches
 
 
 def _zero_factors(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zero low-rank term of the width the step program takes for residuals like ``d``."""
-    *heads, rows, cols = d.shape
-    width = lowrank.factor_width(rank, rows, cols)
-    return d.new_zeros(*heads, rows, width), d.new_zeros(*heads, width, cols)
+    """A zero low-rank term of the shapes the step program takes for residuals like ``d``."""
+    u_shape, v_shape = lowrank.factor_shapes(d.shape, rank)
+    return d.new_zeros(u_shape), d.new_zeros(v_shape)
 
 
 class SSARRuntime(torch.nn.Module):
@@ -102,7 +101,9 @@ class SSARRuntime(torch.nn.Module):
         self.reset()
 
     @classmethod
-    def of(cls, step: torch.export.ExportedProgram, refresh: torch.export.ExportedProgram, config: CompileConfig) -> "SSARRuntime":
+    def of(
+        cls, step: torch.export.ExportedProgram, refresh: torch.export.ExportedProgram, config: CompileConfig
+    ) -> "SSARRuntime":
         """The runtime of a compiled pair of programs, with the schedule of their configuration."""
         schedule = SSARSchedule(config.ssar_tau, config.ssar_rank, config.dense_steps, config.ssar_extrapolation)
         return cls(step.module(), refresh.module(), schedule).requires_grad_(False)
