@@ -2,7 +2,8 @@
 
 * ``reference``: plain PyTorch on any device; the numerical truth and the default off-GPU.
 * ``triton``: Triton kernels registered as the CUDA implementations of the ops.
-* ``tensorrt``: ONNX with QDQ + plugin nodes, and the engine build.
+
+``inductor`` is no backend of its own: it prepares a program for ``torch.compile`` with either.
 """
 
 import importlib

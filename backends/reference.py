@@ -26,14 +26,43 @@ def quant_linear(
     in_features: int,
     a_clip: float,
 ) -> torch.Tensor:
-    xf = x.float()
-    if in_scale is not None:
-        xf = xf * in_scale.float()
     if a_bits < 16:
-        xf = quant.fake_quantize_per_token(xf, a_bits, a_clip)
+        codes, scales = quantize_activations(x, in_scale, a_bits, a_clip)
+        return quant_gemm(codes, scales, qweight, w_scale, bias, w_bits, group_size, in_features, x.dtype)
+    return _linear(_smoothed(x, in_scale), qweight, w_scale, bias, w_bits, group_size, in_features).to(x.dtype)
+
+
+def quantize_activations(
+    x: torch.Tensor, in_scale: torch.Tensor | None, bits: int, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of ``quant_linear``: ``x * in_scale`` quantized per token, in float32 (int8
+    codes ``[..., K]``, scales ``[..., 1]``)."""
+    return quant.quantize_per_token(_smoothed(x, in_scale), bits, clip)
+
+
+def quant_gemm(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    group_size: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The second half of ``quant_linear``: the GEMM on quantized activations."""
+    return _linear(codes.float() * scales, qweight, w_scale, bias, w_bits, group_size, in_features).to(out_dtype)
+
+
+def _smoothed(x: torch.Tensor, in_scale: torch.Tensor | None) -> torch.Tensor:
+    """``x * in_scale`` in float32: SmoothQuant's ``diag(s)^-1``, folded into the op."""
+    return x.float() if in_scale is None else x.float() * in_scale.float()
+
+
+def _linear(xf, qweight, w_scale, bias, w_bits: int, group_size: int, in_features: int) -> torch.Tensor:
     w = quant.dequantize_weight(quant.unpack_weight(qweight, w_bits, in_features), w_scale, group_size)
-    y = torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return torch.nn.functional.linear(xf, w, None if bias is None else bias.float())
 
 
 # --- Block-sparse attention (qsc::sparse_attention) -------------------------------------------

@@ -34,10 +34,8 @@ def quant_linear(
     """``qsc::quant_linear`` as two kernels: per-token activation quantization, then the GEMM."""
     from qsc.kernels import act_quant, quant_gemm
 
-    n = qweight.shape[0]
-    if w_scale.numel() == n:
-        group_size = 0  # one group per row is per-channel: scale in the epilogue
-    if group_size % quant_gemm.MIN_GROUP_SIZE:
+    kernel_group_size = _kernel_group_size(qweight, w_scale, group_size)
+    if kernel_group_size is None:
         return reference.quant_linear(
             x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_features, a_clip
         )
@@ -48,9 +46,43 @@ def quant_linear(
     if a_bits < 16:
         a, a_scale = act_quant.quantize_per_token(x2d, in_scale, a_bits, a_clip)
     y = quant_gemm.quant_gemm(
-        a, a_scale, in_scale, qweight, w_scale, bias, w_bits, group_size, in_features, x.dtype
+        a, a_scale, in_scale, qweight, w_scale, bias, w_bits, kernel_group_size, in_features, x.dtype
     )
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def quant_gemm(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    group_size: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``qsc::quant_gemm``: the GEMM kernel alone, on codes quantized elsewhere."""
+    from qsc.kernels import quant_gemm as kernel
+
+    kernel_group_size = _kernel_group_size(qweight, w_scale, group_size)
+    if kernel_group_size is None:
+        return reference.quant_gemm(codes, scales, qweight, w_scale, bias, w_bits, group_size, in_features, out_dtype)
+    y = kernel.quant_gemm(
+        codes.reshape(-1, codes.shape[-1]), scales.reshape(-1).float(), None, qweight, w_scale, bias,
+        w_bits, kernel_group_size, in_features, out_dtype,
+    )
+    return y.reshape(*codes.shape[:-1], qweight.shape[0])
+
+
+def _kernel_group_size(qweight: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> int | None:
+    """The weight groups the GEMM kernel runs with (0: one scale per row, applied in the epilogue),
+    or None where it has no kernel for them."""
+    from qsc.kernels import quant_gemm
+
+    if w_scale.numel() == qweight.shape[0]:
+        return 0
+    return None if group_size % quant_gemm.MIN_GROUP_SIZE else group_size
 
 
 def sparse_attention(
@@ -96,5 +128,6 @@ def enable() -> None:
     import qsc.ops  # noqa: F401  (defines the ops before kernels are registered for them)
 
     torch.library.register_kernel("qsc::quant_linear", "cuda", quant_linear)
+    torch.library.register_kernel("qsc::quant_gemm", "cuda", quant_gemm)
     torch.library.register_kernel("qsc::sparse_attention", "cuda", sparse_attention)
     _enabled = True

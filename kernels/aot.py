@@ -2,9 +2,9 @@
 
 ``triton.compile`` lowers a kernel to PTX and cubin for a named target (e.g. sm_90) on the CPU. The
 tests use it to compile every autotune configuration at real tile sizes, so a configuration that
-does not compile, needs more shared memory than the target has, spills registers, or leaves a tile
-load out of the software pipeline, fails here rather than (slowly) on the GPU. The same path
-yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
+does not compile, needs more shared memory than the target has, spills registers in its main
+loop, or leaves a tile load out of the software pipeline, fails here rather than (slowly) on the
+GPU. The same path yields the PTX that ahead-of-time consumers (TensorRT plugins) embed.
 
 Kernels are specialized the way the JIT specializes them at run time: pointers are assumed 16-byte
 aligned and integer arguments divisible by 16 get the divisibility hint. This module must be used
@@ -120,7 +120,8 @@ def compile_sparse_attention(
     k_strides = dict(b=heads * lk * head_dim, h=lk * head_dim, n=head_dim)
     params = dict(
         q_ptr="*i8" if qk_int8 else f"*{dtype}", k_ptr="*i8" if qk_int8 else f"*{dtype}", v_ptr=f"*{dtype}",
-        r_ptr=f"*{dtype}", u_ptr=f"*{dtype}", w_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32", q_scale_ptr="*fp32", k_scale_ptr="*fp32",
+        r_ptr=f"*{dtype}", u_ptr=f"*{dtype}", w_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32",
+        q_scale_ptr="*fp32", k_scale_ptr="*fp32",
         stride_qb=q_strides["b"], stride_qh=q_strides["h"], stride_qm=q_strides["m"],
         stride_kb=k_strides["b"], stride_kh=k_strides["h"], stride_kn=k_strides["n"],
         stride_vb=k_strides["b"], stride_vh=k_strides["h"], stride_vn=k_strides["n"],
@@ -205,9 +206,7 @@ def _cuobjdump(compiled, option: str) -> str:
 
 
 def resource_usage(compiled) -> dict[str, int]:
-    """Registers per thread and spill stack bytes of a compiled kernel. A kernel that spills keeps
-    part of its accumulator in local memory: correct, but each spill is a round trip through L1/HBM
-    in the inner loop."""
+    """Registers per thread and spill stack bytes of a compiled kernel."""
     registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(compiled, "--dump-resource-usage")).groups()
     return {"registers": int(registers), "spill_bytes": int(stack)}
 
@@ -216,20 +215,32 @@ def resource_usage(compiled) -> dict[str, int]:
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def main_loop_instructions(compiled) -> int | None:
-    """SASS instructions per thread in one iteration of the main loop: the innermost backward
-    branch whose body issues the tensor-core MMA (None for kernels without one). Against the MMA
-    work of an iteration it says whether the loop is bound by the tensor cores or by the integer
-    and shared-memory instructions around them (unpacking, address arithmetic, layout shuffles)."""
-    code = [(int(addr, 16), op, rest) for addr, op, rest in _SASS.findall(_cuobjdump(compiled, "-sass"))]
+def main_loop(sass: str) -> list[str] | None:
+    """The opcodes of one iteration of a kernel's main loop, read from its SASS: the innermost
+    backward branch whose body issues the tensor-core MMA (None for kernels without one).
+
+    Its length against the MMA work of an iteration says whether the loop is bound by the tensor
+    cores or by the integer and shared-memory instructions around them (unpacking, address
+    arithmetic, layout shuffles). Local-memory accesses in it (``LDL``/``STL``) are spills paid on
+    every iteration; a value spilled around the loop (stored before, loaded after) costs once per
+    program and is harmless."""
+    code = [(int(addr, 16), op, rest) for addr, op, rest in _SASS.findall(sass)]
     loops = []
     for addr, op, rest in code:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
             body = [o for a, o, _ in code if int(target.group(1), 16) <= a <= addr]
             if any("MMA" in o for o in body):
-                loops.append(len(body))
-    return min(loops, default=None)
+                loops.append(body)
+    return min(loops, key=len, default=None)
+
+
+def loop_report(compiled) -> dict:
+    """``loop_instructions`` and ``loop_spills`` (local-memory accesses) of the main loop."""
+    body = main_loop(_cuobjdump(compiled, "-sass"))
+    if body is None:
+        return {"loop_instructions": None, "loop_spills": None}
+    return {"loop_instructions": len(body), "loop_spills": sum(op.startswith(("LDL", "STL")) for op in body)}
 
 
 _TILE_LOAD = re.compile(r"= tt\.load .*: tensor<\d+x\d+x")
@@ -263,7 +274,7 @@ def main() -> None:
             "kernel": description, "arch": target.arch, "shared_bytes": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"]),
             "unpipelined_loads": unpipelined_tile_loads(compiled.asm["ttgir"]),
-            "loop_instructions": main_loop_instructions(compiled), **resource_usage(compiled),
+            **loop_report(compiled), **resource_usage(compiled),
         }), flush=True)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qsc.graph import add_input, finalize, set_signature
+from qsc.graph import add_input, derive, finalize, set_signature
 from qsc.lowrank import factor_shapes
 from qsc.pipeline import Pass, PassContext, PassResult
 
@@ -88,11 +88,6 @@ def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
     output = graph.output_node()
     (out,) = output.args[0]
     output.args = ((out, *residuals.values()),)
-    refresh = fx.GraphModule(step, graph)
-    # GraphModule re-registers every buffer it copies as persistent; the step program's constants
-    # (non-persistent buffers, such as RoPE tables) must stay constants for the two to share weights.
-    for path, module in step.named_modules():
-        for name in module._non_persistent_buffers_set:
-            refresh.get_submodule(path)._non_persistent_buffers_set.add(name)
+    refresh = derive(step, graph)
     set_signature(refresh, pytree.tree_structure((0, dict.fromkeys(residuals, 0))))
     return finalize(refresh)

@@ -153,6 +153,17 @@ def remove_attr(gm: fx.GraphModule, target: str) -> None:
         del owner._buffers[name]
 
 
+def derive(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A program of ``graph`` (a rewritten copy of ``gm``'s) over ``gm``'s weights, shared, not copied."""
+    derived = fx.GraphModule(gm, graph)
+    # GraphModule re-registers every buffer it copies as persistent; the constants of ``gm``
+    # (non-persistent buffers, such as RoPE tables) must stay constants for the two to share weights.
+    for path, module in gm.named_modules():
+        for name in module._non_persistent_buffers_set:
+            derived.get_submodule(path)._non_persistent_buffers_set.add(name)
+    return derived
+
+
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop dead nodes, check the graph and regenerate its code after a rewrite."""
     gm.graph.eliminate_dead_code()

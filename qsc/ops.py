@@ -44,6 +44,31 @@ def _(x, qweight, w_scale, bias, in_scale, w_bits, a_bits, group_size, in_featur
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+@torch.library.custom_op("qsc::quant_gemm", mutates_args=())
+def quant_gemm(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    group_size: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The GEMM of ``quant_linear`` on activations quantized beforehand: int8 ``codes [..., K]``
+    and float32 per-token ``scales [..., 1]`` (``reference.quantize_activations``); the weight
+    arguments as in ``quant_linear``; the output in ``out_dtype``. Compressed programs hold
+    ``quant_linear``; ``qsc.backends.inductor`` splits it into the two halves for ``torch.compile``.
+    """
+    return reference.quant_gemm(codes, scales, qweight, w_scale, bias, w_bits, group_size, in_features, out_dtype)
+
+
+@quant_gemm.register_fake
+def _(codes, scales, qweight, w_scale, bias, w_bits, group_size, in_features, out_dtype):
+    return codes.new_empty(*codes.shape[:-1], qweight.shape[0], dtype=out_dtype)
+
+
 @torch.library.custom_op("qsc::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor,

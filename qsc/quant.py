@@ -116,12 +116,6 @@ def quantize_per_token(
     return q.to(torch.int8), scale
 
 
-def fake_quantize_per_token(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """``x`` rounded onto its per-token grid, in float32 (the numerics of A``bits``)."""
-    q, scale = quantize_per_token(x, bits, clip)
-    return q.float() * scale
-
-
 def packed_weight_nbytes(n: int, k: int, bits: int, group_size: int = 0) -> int:
     """Bytes of a packed ``[N, K]`` weight plus its scales, without building it."""
     codes = n * ((k + 1) // 2 if bits == 4 else k)

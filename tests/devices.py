@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("QSC_TEST_DEVICE", "cpu"))
 
 # The interpreter has no bf16; the compiled kernels must handle it (it is what models run in).
 HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+# Before 3.8 the interpreter cannot run an autotuned kernel: the autotuner asks for a GPU driver.
+INTERPRETER_MIN_TRITON = (3, 8)
+
+
+def require_kernels() -> None:
+    """Skip the calling test module unless its kernels can run on ``DEVICE``."""
+    triton = pytest.importorskip("triton")
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if DEVICE.type == "cpu" and version < INTERPRETER_MIN_TRITON:
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter cannot run autotuned kernels on the CPU: install "
+            f"triton>={'.'.join(map(str, INTERPRETER_MIN_TRITON))} or set QSC_TEST_DEVICE=cuda on a GPU",
+            allow_module_level=True,
+        )
 
 
 def gen(seed: int) -> torch.Generator:

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from devices import require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 _SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 

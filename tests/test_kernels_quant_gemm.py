@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices import DEVICE, HALF_DTYPES, gen, rand, randn
+from devices import DEVICE, HALF_DTYPES, gen, rand, randn, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 from qsc import quant  # noqa: E402
 from qsc.backends import reference  # noqa: E402
@@ -175,6 +175,20 @@ def test_w4_strategy_is_chosen_by_rows(monkeypatch, m, unpacks):
     _assert_close_to_reference(y, reference.quant_linear(x, qweight, scale, bias, None, 4, 8, 0, k, 1.0))
 
 
+@pytest.mark.parametrize("w_bits,a_bits,group_size", [(4, 8, 0), (8, 6, 32), (4, 4, 64), (8, 8, 48)])  # 48: reference
+def test_quant_gemm_on_codes_quantized_beforehand(w_bits, a_bits, group_size):
+    # qsc::quant_gemm, the half of quant_linear that torch.compile'd programs call after quantizing
+    # the activations themselves: batched [B, L, K] codes, scales [B, L, 1].
+    k, n = 192, 40
+    qweight, scale, bias, in_scale = _quantized_layer(n, k, w_bits, group_size, seed=w_bits + a_bits + group_size)
+    x = randn(2, 11, k, seed=14).to(torch.float16)
+    codes, scales = reference.quantize_activations(x, in_scale, a_bits, 1.0)
+    y = triton_backend.quant_gemm(codes, scales, qweight, scale, bias, w_bits, group_size, k, torch.float16)
+    assert y.shape == (2, 11, n) and y.dtype == torch.float16
+    _assert_close_to_reference(y, reference.quant_linear(x, qweight, scale, bias, in_scale, w_bits, a_bits,
+                                                         group_size, k, 1.0))
+
+
 def test_unsupported_group_size_falls_back_to_reference():
     k, n = 96, 16
     qweight, scale, bias, _ = _quantized_layer(n, k, 8, 48, seed=5)
@@ -186,5 +200,5 @@ def test_unsupported_group_size_falls_back_to_reference():
 def test_enable_registers_cuda_kernels():
     triton_backend.enable()
     triton_backend.enable()  # idempotent
-    for op in ("qsc::quant_linear", "qsc::sparse_attention"):
+    for op in ("qsc::quant_linear", "qsc::quant_gemm", "qsc::sparse_attention"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from devices import DEVICE, HALF_DTYPES, gen, rand, randn
+from devices import DEVICE, HALF_DTYPES, gen, rand, randn, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 import qsc.ops  # noqa: E402,F401  (defines torch.ops.qsc.*)
 from qsc.backends import reference  # noqa: E402
