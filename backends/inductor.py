@@ -12,9 +12,10 @@ halves,
 so that Inductor folds the quantization into the kernel that produces ``x``: that kernel writes the
 int8 codes and their scales instead of the float activations, and the separate pass is gone.
 
-The split program computes what the program computes: on the CPU bit for bit (both halves are the
-reference's). Compiled for a GPU, Inductor's float32 division may round a code that sits on a
-rounding boundary the other way (one step of the grid), where the eager kernel divides exactly.
+Run eagerly on the CPU, the split program equals the program bit for bit (both halves are the
+reference's). Compiled, Inductor reorders float32 arithmetic, and on a GPU its division may round a
+code that sits on a rounding boundary the other way (one step of the grid), where the eager kernel
+divides exactly: ``gpu_suite`` reports the compiled program's error against the eager one.
 """
 
 from __future__ import annotations
