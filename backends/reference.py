@@ -146,8 +146,27 @@ def sparse_attention(
     """Masked softmax attention in float32, one query tile at a time (memory ``B*H*128*Lk``);
     with ``qk_int8`` the scores come from the INT8 Q and K of ``quantize_qk``."""
     check_residual_factors(q, v, residual_u, residual_v)
+    out = _attention(q, k, v, layout, scale, qk_int8)
+    if residual is not None:
+        out += residual.float()
+    if residual_u is not None:
+        out += residual_u.float() @ residual_v.float()
+    return out.to(q.dtype)
+
+
+def refresh_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, scale: float | None, qk_int8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSAR's refresh: dense attention and its residual over the block-sparse attention of
+    ``layout``, ``(O_dense, O_dense - O_sparse)``, the difference of the two outputs in their dtype."""
+    dense = _attention(q, k, v, None, scale, qk_int8).to(q.dtype)
+    return dense, dense - _attention(q, k, v, layout, scale, qk_int8).to(q.dtype)
+
+
+def _attention(q, k, v, layout: torch.Tensor | None, scale: float | None, qk_int8: bool) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over the tiles ``layout`` keeps (all when None), in float32."""
     b, h, lq, d = q.shape
-    lk, out_dtype = k.shape[2], q.dtype
+    lk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     if layout is not None:
         check_block_layout(q, k, layout)
@@ -167,8 +186,4 @@ def sparse_attention(
             p = torch.softmax(s.masked_fill(~keep[:, :, None, :], float("-inf")), dim=-1)
             p = p.masked_fill(~keep.any(dim=-1)[:, :, None, None], 0.0)  # empty row: 0, not NaN
         out[:, :, r0 : r0 + SPARSE_BLOCK_M] = p @ vf
-    if residual is not None:
-        out += residual.float()
-    if residual_u is not None:
-        out += residual_u.float() @ residual_v.float()
-    return out.to(out_dtype)
+    return out

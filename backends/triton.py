@@ -97,23 +97,43 @@ def sparse_attention(
     residual_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qsc::sparse_attention``: block-sparse (or dense) flash attention, residual and its low-rank
-    term fused; with ``qk_int8`` Q and K are quantized per tile first (the reference's
-    ``quantize_qk``, one kernel each)."""
-    from qsc.kernels import qk_quant
+    term fused."""
     from qsc.kernels import sparse_attention as kernel
 
     if layout is not None:
         reference.check_block_layout(q, k, layout)
     reference.check_residual_factors(q, v, residual_u, residual_v)
-    qk_scales = None
-    if qk_int8:
-        q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
-        qk_scales = (q_scales, k_scales)
+    q, k, qk_scales = _int8_qk(q, k, qk_int8)
     return kernel.sparse_attention(
         q, k, v, layout, residual, scale,
         layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
         residual_factors=None if residual_u is None else (residual_u, residual_v),
     )
+
+
+def refresh_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, scale: float | None, qk_int8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qsc::refresh_attention``: the dense output and its residual over the sparse one, one kernel."""
+    from qsc.kernels import sparse_attention as kernel
+
+    reference.check_block_layout(q, k, layout)
+    q, k, qk_scales = _int8_qk(q, k, qk_int8)
+    return kernel.refresh_attention(
+        q, k, v, layout, scale,
+        layout_block_m=reference.SPARSE_BLOCK_M, layout_block_n=reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
+    )
+
+
+def _int8_qk(q: torch.Tensor, k: torch.Tensor, qk_int8: bool):
+    """With ``qk_int8``, Q and K quantized per tile (the reference's ``quantize_qk``, one kernel
+    each): (q codes, k codes, their scales); else (q, k, None)."""
+    if not qk_int8:
+        return q, k, None
+    from qsc.kernels import qk_quant
+
+    q, q_scales, k, k_scales = qk_quant.quantize_qk(q, k)
+    return q, k, (q_scales, k_scales)
 
 
 def enable() -> None:
@@ -130,4 +150,5 @@ def enable() -> None:
     torch.library.register_kernel("qsc::quant_linear", "cuda", quant_linear)
     torch.library.register_kernel("qsc::quant_gemm", "cuda", quant_gemm)
     torch.library.register_kernel("qsc::sparse_attention", "cuda", sparse_attention)
+    torch.library.register_kernel("qsc::refresh_attention", "cuda", refresh_attention)
     _enabled = True

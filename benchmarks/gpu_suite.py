@@ -148,7 +148,9 @@ def random_layout(heads: int, tiles_m: int, tiles_n: int, density: float, device
 
 
 def attention_rows(device: torch.device, s: dict) -> list[dict]:
-    """Block-sparse attention at several densities vs SDPA (flash backend on CUDA)."""
+    """Block-sparse attention at several densities vs SDPA (flash backend on CUDA), and SSAR's
+    refresh (``mode`` "refresh": dense output and residual in one kernel) vs the dense kernel, the
+    sparse kernel and a subtraction it replaces (``separate_ms``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from qsc.backends import reference
@@ -159,19 +161,37 @@ def attention_rows(device: torch.device, s: dict) -> list[dict]:
     backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
     with sdpa_kernel(backend):
         sdpa_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+    tiles = reference.block_layout_shape(length, length)
     rows = []
-    # Density 1.0 is the dense mode of the kernel (SSAR's refresh steps): no layout at all.
-    # The INT8 QK^T rows include the quantization of Q and K (K's mean, then one qk_quant pass each).
+    # Density 1.0 is the dense mode of the kernel: no layout at all. The INT8 QK^T rows include the
+    # quantization of Q and K (K's mean, then one qk_quant pass each).
     for density, qk_int8 in ((1.0, False), (0.4, False), (0.25, False), (0.15, False), (1.0, True), (0.15, True)):
-        tiles = reference.block_layout_shape(length, length)
         layout = None if density == 1.0 else random_layout(h, *tiles, density, device)
         args = (q, k, v, layout, None, None, qk_int8)
         ms = bench_ms(lambda: triton_backend.sparse_attention(*args), device)
         out = triton_backend.sparse_attention(*args)
         rows.append(dict(
-            density=density, qk_int8=qk_int8, tile_density=1.0 if layout is None else layout.float().mean().item(),
+            mode="dense" if layout is None else "sparse", density=density, qk_int8=qk_int8,
+            tile_density=1.0 if layout is None else layout.float().mean().item(),
             L=length, heads=h, head_dim=d, ms=ms, sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / ms,
             rel_err=rel_err(out, reference.sparse_attention(*args)),
+        ))
+    for density in (0.15,):
+        layout = random_layout(h, *tiles, density, device)
+        args = (q, k, v, layout, None, False)
+
+        def separate():
+            dense = triton_backend.sparse_attention(q, k, v, None, None, None)
+            return dense, dense - triton_backend.sparse_attention(q, k, v, layout, None, None)
+
+        ms, separate_ms = bench_ms(lambda: triton_backend.refresh_attention(*args), device), bench_ms(separate, device)
+        out, residual = triton_backend.refresh_attention(*args)
+        want, want_residual = reference.refresh_attention(*args)
+        rows.append(dict(
+            mode="refresh", density=density, qk_int8=False, tile_density=layout.float().mean().item(),
+            L=length, heads=h, head_dim=d, ms=ms, sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / ms,
+            separate_ms=separate_ms, speedup_vs_separate=separate_ms / ms,
+            rel_err=rel_err(out, want), residual_rel_err=rel_err(residual, want_residual),
         ))
     return rows
 
@@ -321,10 +341,12 @@ def print_table(report: dict) -> None:
             print(f"{r['M']:<8}{r['K']:>6}{r['N']:>6}{r['ms_in_loop']:>10.3f}{r['ms_unpack_first']:>11.3f}"
                   f"{r['bf16_ms']:>10.3f}")
     if report.get("attention"):
-        print(f"{'density':<8}{'QK':>12}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}")
+        print(f"{'mode':<9}{'density':>8}{'QK':>6}{'ms':>10}{'sdpa ms':>10}{'speedup':>9}{'rel err':>10}"
+              f"{'2-kernel ms':>13}")
         for r in report["attention"]:
-            print(f"{r['density']:<8}{'int8' if r['qk_int8'] else 'fp':>12}{r['ms']:>10.3f}{r['sdpa_ms']:>10.3f}"
-                  f"{r['speedup_vs_sdpa']:>8.2f}x{r['rel_err']:>10.1e}")
+            separate = f"{r['separate_ms']:>13.3f}" if "separate_ms" in r else ""
+            print(f"{r['mode']:<9}{r['density']:>8}{'int8' if r['qk_int8'] else 'fp':>6}{r['ms']:>10.3f}"
+                  f"{r['sdpa_ms']:>10.3f}{r['speedup_vs_sdpa']:>8.2f}x{r['rel_err']:>10.1e}{separate}")
     if "end_to_end" in report:
         print("end to end:", json.dumps(report["end_to_end"], default=str))
 

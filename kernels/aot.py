@@ -111,16 +111,19 @@ def compile_qk_quant(target: GPUTarget, *, rows: int, mean: bool, x_dtype: str =
 
 def compile_sparse_attention(
     config: triton.Config, target: GPUTarget, *, dtype: str, head_dim: int, dense: bool, residual: bool,
-    qk_int8: bool, rank: int = 0, heads: int = 12, lq: int = 32760, lk: int = 32760, layout_block_m: int = 128,
+    qk_int8: bool, refresh: bool = False, rank: int = 0, heads: int = 12, lq: int = 32760, lk: int = 32760,
+    layout_block_m: int = 128,
 ):
     """Strides are those of contiguous ``[B, H, L, D]`` tensors and a per-head layout; ``qk_int8``
-    makes q and k int8 codes with per-tile scales; ``rank`` > 0 adds the residual's low-rank term."""
+    makes q and k int8 codes with per-tile scales; ``rank`` > 0 adds the residual's low-rank term;
+    ``refresh`` also writes the residual over the sparse output."""
     mb, nb = -(-lq // layout_block_m), -(-lk // sparse_attention.BLOCK_N)
     q_strides = dict(b=heads * lq * head_dim, h=lq * head_dim, m=head_dim)
     k_strides = dict(b=heads * lk * head_dim, h=lk * head_dim, n=head_dim)
     params = dict(
         q_ptr="*i8" if qk_int8 else f"*{dtype}", k_ptr="*i8" if qk_int8 else f"*{dtype}", v_ptr=f"*{dtype}",
-        r_ptr=f"*{dtype}", u_ptr=f"*{dtype}", w_ptr=f"*{dtype}", o_ptr=f"*{dtype}", idx_ptr="*i32", cnt_ptr="*i32",
+        r_ptr=f"*{dtype}", u_ptr=f"*{dtype}", w_ptr=f"*{dtype}", o_ptr=f"*{dtype}", d_ptr=f"*{dtype}",
+        idx_ptr="*i32", cnt_ptr="*i32",
         q_scale_ptr="*fp32", k_scale_ptr="*fp32",
         stride_qb=q_strides["b"], stride_qh=q_strides["h"], stride_qm=q_strides["m"],
         stride_kb=k_strides["b"], stride_kh=k_strides["h"], stride_kn=k_strides["n"],
@@ -133,12 +136,12 @@ def compile_sparse_attention(
         H=heads, Lq=lq, Lk=lk, D=head_dim, R=rank, qk_scale=0.1,
     )
     constexprs = dict(
-        DENSE=dense, HAS_RESIDUAL=residual, QK_INT8=qk_int8, LAYOUT_M=layout_block_m,
+        DENSE=dense, REFRESH=refresh, HAS_RESIDUAL=residual, QK_INT8=qk_int8, LAYOUT_M=layout_block_m,
         BLOCK_D=sparse_attention.block_d(head_dim), BLOCK_R=sparse_attention.block_d(rank) if rank else 0,
         BLOCK_N=sparse_attention.BLOCK_N, **config.kwargs,
     )
-    for name, present in (("r_ptr", residual), ("u_ptr", rank), ("w_ptr", rank), ("q_scale_ptr", qk_int8),
-                          ("k_scale_ptr", qk_int8)):
+    for name, present in (("r_ptr", residual), ("u_ptr", rank), ("w_ptr", rank), ("d_ptr", refresh),
+                          ("q_scale_ptr", qk_int8), ("k_scale_ptr", qk_int8)):
         if not present:
             constexprs[name] = None
     return _compile(sparse_attention._sparse_attention_kernel, target, params, constexprs,
@@ -160,9 +163,11 @@ ACT_QUANT_VARIANTS = (
     dict(x_dtype="bf16", in_scale=True, bits=8, k=1536), dict(x_dtype="fp16", in_scale=False, bits=8, k=8960),
 )
 QK_QUANT_VARIANTS = (dict(rows=128, mean=False), dict(rows=64, mean=True))
-# The SSAR step (sparse, residual and its rank-16 term), the refresh (dense), and the step on INT8 QK^T.
+# The SSAR step (sparse, residual and its rank-16 term), its refresh (dense output and residual
+# over the layout), dense attention (no layout), and the step on INT8 QK^T.
 ATTENTION_VARIANTS = (
     dict(dtype="bf16", head_dim=128, dense=False, residual=True, rank=16, qk_int8=False),
+    dict(dtype="bf16", head_dim=128, dense=False, refresh=True, residual=False, qk_int8=False),
     dict(dtype="bf16", head_dim=128, dense=True, residual=False, qk_int8=False),
     dict(dtype="bf16", head_dim=128, dense=False, residual=True, rank=16, qk_int8=True),
 )
@@ -215,11 +220,12 @@ def resource_usage(compiled) -> dict[str, int]:
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def main_loop(sass: str) -> list[str] | None:
-    """The opcodes of one iteration of a kernel's main loop, read from its SASS: the innermost
-    backward branch whose body issues the tensor-core MMA (None for kernels without one).
+def main_loops(sass: str) -> list[list[str]]:
+    """The opcodes of one iteration of each of a kernel's main loops, read from its SASS: the
+    innermost backward branches whose bodies issue the tensor-core MMA (none for kernels without
+    one; attention's refresh mode has two, one after the other).
 
-    Its length against the MMA work of an iteration says whether the loop is bound by the tensor
+    A loop's length against the MMA work of an iteration says whether it is bound by the tensor
     cores or by the integer and shared-memory instructions around them (unpacking, address
     arithmetic, layout shuffles). Local-memory accesses in it (``LDL``/``STL``) are spills paid on
     every iteration; a value spilled around the loop (stored before, loaded after) costs once per
@@ -229,18 +235,22 @@ def main_loop(sass: str) -> list[str] | None:
     for addr, op, rest in code:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            body = [o for a, o, _ in code if int(target.group(1), 16) <= a <= addr]
+            start = int(target.group(1), 16)
+            body = [o for a, o, _ in code if start <= a <= addr]
             if any("MMA" in o for o in body):
-                loops.append(body)
-    return min(loops, key=len, default=None)
+                loops.append((start, addr, body))
+    return [body for start, end, body in loops
+            if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _ in loops)]
 
 
 def loop_report(compiled) -> dict:
-    """``loop_instructions`` and ``loop_spills`` (local-memory accesses) of the main loop."""
-    body = main_loop(_cuobjdump(compiled, "-sass"))
-    if body is None:
+    """``loop_instructions`` (of the longest main loop) and ``loop_spills`` (local-memory accesses
+    in all of them)."""
+    bodies = main_loops(_cuobjdump(compiled, "-sass"))
+    if not bodies:
         return {"loop_instructions": None, "loop_spills": None}
-    return {"loop_instructions": len(body), "loop_spills": sum(op.startswith(("LDL", "STL")) for op in body)}
+    return {"loop_instructions": max(map(len, bodies)),
+            "loop_spills": sum(op.startswith(("LDL", "STL")) for body in bodies for op in body)}
 
 
 _TILE_LOAD = re.compile(r"= tt\.load .*: tensor<\d+x\d+x")

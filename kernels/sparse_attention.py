@@ -3,8 +3,8 @@
 One program owns one tile of BLOCK_M queries of one (batch, head). The bool block layout is turned
 into per-row lists of kept key-tile indices (``layout_to_indices``) so the main loop touches only
 kept tiles, with no branch per skipped tile; its trip count is the row's count, so at density rho
-the work is rho of the dense work. Dense mode (layout None, the refresh steps of SSAR) loops over
-all key tiles and reads no index list.
+the work is rho of the dense work. Dense mode (layout None) loops over all key tiles and reads no
+index list.
 
 Numerics: fp16/bf16 inputs on the tensor cores, scores and the running max / sum / output in
 float32, ``exp2`` with ``scale * log2(e)`` folded into the scores. The epilogue divides by the
@@ -12,6 +12,13 @@ softmax sum (a row with no kept tile has sum 0 and gets output 0) and adds the o
 (SSAR's ``O = O_sparse + R``) and its optional low-rank term ``U @ W`` (SSAR's second order; the
 op's ``residual_u``, ``residual_v``): a ``[BLOCK_M, rank] x [rank, D]`` product per tile, so no
 ``R + U @ W`` is ever materialized. Then the one store.
+
+Refresh mode (SSAR's refresh steps, ``refresh_attention``): the dense output and its residual
+``O_dense - O_sparse`` over the layout, in one pass at the cost of dense attention. The index list
+of a layout row holds its kept tiles first, then the others (``layout_to_indices``); the main loop
+runs over the kept ones, the sparse output is taken there, and the same online softmax goes on over
+the rest. The residual is the difference of the two outputs rounded to their dtype, as two kernels
+and a subtraction would give it: a row that keeps every tile has a residual of exactly zero.
 
 Optional INT8 QK^T (SageAttention-style, ``qk_scales``): q and k arrive as int8 codes with one
 float32 scale per query tile / key tile (K smoothed by its mean first, see
@@ -59,6 +66,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _normalize(acc, l_i):
+    return acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row that saw no key: 0
+
+
+@triton.jit
 def _attend_step(
     q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, tiles, stride_kn, stride_vn, Lk, D, qk_scale,
     DENSE: tl.constexpr, QK_INT8: tl.constexpr, KEY_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -103,17 +115,18 @@ def _attend_step(
 
 @triton.autotune(
     configs=HOPPER_CONFIGS + FALLBACK_CONFIGS,
-    key=["Lq", "Lk", "BLOCK_D", "DENSE", "HAS_RESIDUAL", "BLOCK_R", "QK_INT8", "LAYOUT_M"],
+    key=["Lq", "Lk", "BLOCK_D", "DENSE", "REFRESH", "HAS_RESIDUAL", "BLOCK_R", "QK_INT8", "LAYOUT_M"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, r_ptr, u_ptr, w_ptr, o_ptr, idx_ptr, cnt_ptr, q_scale_ptr, k_scale_ptr,
+    q_ptr, k_ptr, v_ptr, r_ptr, u_ptr, w_ptr, o_ptr, d_ptr, idx_ptr, cnt_ptr, q_scale_ptr, k_scale_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rb, stride_rh, stride_rm, stride_ub, stride_uh, stride_um, stride_wb, stride_wh, stride_wr,
     stride_ob, stride_oh, stride_om, stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
     H, Lq, Lk, D, R, qk_scale,
-    DENSE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QK_INT8: tl.constexpr, LAYOUT_M: tl.constexpr,
+    DENSE: tl.constexpr, REFRESH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QK_INT8: tl.constexpr,
+    LAYOUT_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     KEY_TILES: tl.constexpr,
 ):
@@ -146,8 +159,22 @@ def _sparse_attention_kernel(
         m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, tiles,
                                      stride_kn, stride_vn, Lk, D, qk_scale,
                                      DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D)
+    out = _normalize(acc, l_i)
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if REFRESH:  # ``out`` is the sparse output; the row's other tiles make it the dense one
+        # The sparse output waits in the residual's place (laid out as the output): held in
+        # registers through the second loop, it would spill there.
+        d_ptrs = d_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        tl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=tile_mask)
+        all_tiles = tl.cdiv(Lk, BLOCK_N)
+        for step in range(tiles, all_tiles, KEY_TILES):
+            m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, all_tiles,
+                                         stride_kn, stride_vn, Lk, D, qk_scale,
+                                         DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D)
+        out = _normalize(acc, l_i).to(d_ptr.dtype.element_ty)
+        tl.debug_barrier()  # other threads of the program may have stored the elements a thread loads
+        sparse_out = tl.load(d_ptrs, mask=tile_mask, other=0.0)
+        tl.store(d_ptrs, (out.to(tl.float32) - sparse_out.to(tl.float32)).to(d_ptr.dtype.element_ty), mask=tile_mask)
     if HAS_RESIDUAL:
         r_base = r_ptr + b.to(tl.int64) * stride_rb + h * stride_rh
         out += tl.load(r_base + offs_m[:, None] * stride_rm + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
@@ -169,8 +196,9 @@ def block_d(head_dim: int) -> int:
 
 
 def layout_to_indices(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``[..., Mb, Nb]`` -> (int32 ``[..., Mb, Nb]`` kept key-tile indices in ascending order
-    first, then padding; int32 ``[..., Mb]`` number of kept tiles per row)."""
+    """bool ``[..., Mb, Nb]`` -> (int32 ``[..., Mb, Nb]``: each row's kept key-tile indices in
+    ascending order, then its other tiles in ascending order; int32 ``[..., Mb]`` number of kept
+    tiles per row). Sparse mode reads a row's kept part, refresh mode all of it."""
     counts = layout.sum(dim=-1, dtype=torch.int32)
     order = torch.argsort(layout.to(torch.int8), dim=-1, descending=True, stable=True)
     return order.to(torch.int32), counts
@@ -206,14 +234,40 @@ def sparse_attention(
     With ``qk_scales`` = (float32 ``[B, H, ceil(Lq / layout_block_m)]``, ``[B, H, ceil(Lk / 64)]``),
     q and k are int8 codes, one scale per tile, and QK^T runs on the int8 tensor cores.
     ``config`` pins a tile configuration instead of autotuning (tests and benchmarks)."""
+    out, _ = _launch(q, k, v, layout, scale, layout_block_m, layout_block_n, qk_scales, config,
+                     residual=residual, residual_factors=residual_factors)
+    return out
+
+
+def refresh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    scale: float | None,
+    layout_block_m: int,
+    layout_block_n: int,
+    qk_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O_dense, O_dense - O_sparse)`` of the attention ``sparse_attention`` computes with
+    ``layout`` (no residual), in one pass over all key tiles."""
+    return _launch(q, k, v, layout, scale, layout_block_m, layout_block_n, qk_scales, config, refresh=True)
+
+
+def _launch(q, k, v, layout, scale, layout_block_m, layout_block_n, qk_scales, config,
+            residual=None, residual_factors=None, refresh=False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel on validated operands: (output, the refresh residual or None)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     assert v.shape[-1] == d, "q, k and v must share the head dimension"
     assert layout_block_n == BLOCK_N and layout_block_m % MAX_BLOCK_M == 0, "layout tiles do not match the kernel's"
+    assert layout is not None or not refresh, "a refresh needs the layout it measures the residual of"
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out = torch.empty((b, h, lq, d), dtype=v.dtype, device=q.device)
+    refresh_residual = torch.empty_like(out) if refresh else None
     if out.numel() == 0:
-        return out
+        return out, refresh_residual
     if layout is None:
         idx = counts = torch.empty((1, 1, 1), dtype=torch.int32, device=q.device)  # not read when dense
     else:
@@ -227,13 +281,13 @@ def sparse_attention(
     scale = d**-0.5 if scale is None else scale
 
     args = (
-        q, k, v, residual, u, w, out, idx, counts, q_scales, k_scales,
+        q, k, v, residual, u, w, out, refresh_residual, idx, counts, q_scales, k_scales,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_head_strides(residual), *_head_strides(u),
         *_head_strides(w), *out.stride()[:3], *idx.stride()[:3], *counts.stride()[:2],
         h, lq, lk, d, rank, scale * math.log2(math.e),
     )
     meta = dict(
-        DENSE=layout is None, HAS_RESIDUAL=residual is not None, QK_INT8=qk_scales is not None,
+        DENSE=layout is None, REFRESH=refresh, HAS_RESIDUAL=residual is not None, QK_INT8=qk_scales is not None,
         LAYOUT_M=layout_block_m,
         BLOCK_D=block_d(d), BLOCK_R=block_d(rank) if rank else 0, BLOCK_N=BLOCK_N,
     )
@@ -245,4 +299,4 @@ def sparse_attention(
         _sparse_attention_kernel[grid](*args, **meta)
     else:
         _sparse_attention_kernel.fn[grid](*args, **meta, **config.all_kwargs())
-    return out
+    return out, refresh_residual

@@ -7,16 +7,18 @@ low-rank second-order term, ``ssar_<layer>_u`` (``[B, H, L, rank]``) and ``ssar_
 program, run at sparse steps.
 
 ``refresh_graph`` derives the *refresh* program from it, run every ``tau``-th step: each such
-attention computes dense and sparse attention, continues with the dense output, and returns the
-first-order residual ``D = O_dense - O_sparse`` as an extra output. ``qsc.runtime.SSARRuntime``
-owns the caches and the step counter, and turns the residuals into caches (second order, see
-``qsc.runtime``). The caches never hide in the program: they are inputs and outputs, the same in
-the exported program, ONNX and a TensorRT engine.
+attention becomes ``qsc::refresh_attention``, dense attention and the first-order residual
+``D = O_dense - O_sparse`` in one pass; the program continues with the dense output and returns
+``D`` as an extra output. ``qsc.runtime.SSARRuntime`` owns the caches and the step counter, and
+turns the residuals into caches (second order, see ``qsc.runtime``). The caches never hide in
+the program: they are its inputs and outputs, in the exported program as in anything lowered
+from it.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx
@@ -26,9 +28,10 @@ from qsc.graph import add_input, derive, finalize, set_signature
 from qsc.lowrank import factor_shapes
 from qsc.pipeline import Pass, PassContext, PassResult
 
-from .sparsify_attention import LAYER_META, SPARSE_ATTENTION, sparse_attention_nodes
+from .sparsify_attention import LAYER_META, sparse_attention_nodes
 
 CACHE_PREFIX = "ssar_"
+REFRESH_ATTENTION = torch.ops.qsc.refresh_attention.default
 
 
 # The op's keyword arguments that carry the cache, and the suffixes of their inputs' names.
@@ -74,10 +77,9 @@ def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
         cache_inputs = [node.kwargs[arg] for arg in CACHE_ARGS]
         with graph.inserting_before(node):
             kwargs = {k: v for k, v in node.kwargs.items() if k not in CACHE_ARGS}
-            dense = graph.call_function(SPARSE_ATTENTION, (*node.args[:3], None), kwargs)
-            sparse = graph.call_function(SPARSE_ATTENTION, node.args, kwargs)
-            residual = graph.call_function(torch.ops.aten.sub.Tensor, (dense, sparse))
-        sparse.meta = dict(node.meta)
+            refresh = graph.call_function(REFRESH_ATTENTION, node.args, kwargs)
+            dense, residual = (graph.call_function(operator.getitem, (refresh, i)) for i in range(2))
+        refresh.meta = {**node.meta, "val": (node.meta["val"], node.meta["val"])}
         for new in (dense, residual):
             new.meta = {k: v for k, v in node.meta.items() if k != LAYER_META}
         node.replace_all_uses_with(dense)

@@ -99,3 +99,25 @@ def sparse_attention(
 @sparse_attention.register_fake
 def _(q, k, v, layout=None, residual=None, scale=None, qk_int8=False, residual_u=None, residual_v=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("qsc::refresh_attention", mutates_args=())
+def refresh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    scale: float | None = None,
+    qk_int8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSAR's refresh of one attention: ``(O_dense, O_dense - O_sparse)``, dense attention and its
+    residual over the block-sparse attention of ``layout``; the arguments as in ``sparse_attention``.
+    One pass: a kernel computes the kept tiles first, takes the sparse output there, and goes on
+    over the other tiles, so the pair costs what dense attention costs."""
+    return reference.refresh_attention(q, k, v, layout, scale, qk_int8)
+
+
+@refresh_attention.register_fake
+def _(q, k, v, layout, scale=None, qk_int8=False):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, torch.empty_like(out)

@@ -1,6 +1,6 @@
 """Quantizer arithmetic: the plain-PyTorch definitions every pass, op and kernel agrees on.
 
-Conventions (shared with the Triton kernels and the ONNX export, so change them nowhere else):
+Conventions (shared with the reference backend and the Triton kernels, so change them nowhere else):
 
 * Symmetric signed integers with the symmetric range ``[-qmax, qmax]``, ``qmax = 2**(bits-1) - 1``
   (the code ``-2**(bits-1)`` is never produced, so negation is exact and int8 tensor cores can run

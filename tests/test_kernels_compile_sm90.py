@@ -66,7 +66,7 @@ def test_unpipelined_tile_loads_finds_a_synchronous_load_in_a_loop():
     assert found.startswith("%w = tt.load")
 
 
-def test_main_loop_is_the_innermost_loop_that_issues_an_mma():
+def test_main_loops_are_the_innermost_loops_that_issue_an_mma():
     sass = """
         /*0010*/                   STL [R1], R2 ;
         /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
@@ -77,4 +77,16 @@ def test_main_loop_is_the_innermost_loop_that_issues_an_mma():
         /*0070*/               @P1 BRA 0x50 ;
         /*0080*/                   EXIT ;
     """
-    assert aot.main_loop(sass) == ["HMMA.16816.F32.BF16", "LDL", "BRA"]
+    assert aot.main_loops(sass) == [["HMMA.16816.F32.BF16", "LDL", "BRA"]]
+
+
+def test_main_loops_one_after_the_other_are_both_found():
+    sass = """
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/               @P0 BRA 0x10 ;
+        /*0030*/                   STL [R1], R2 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0050*/               @P1 BRA 0x30 ;
+        /*0060*/                   EXIT ;
+    """
+    assert aot.main_loops(sass) == [["HMMA.16816.F32.BF16", "BRA"], ["STL", "HMMA.16816.F32.BF16", "BRA"]]

@@ -37,11 +37,14 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
     assert [r["M"] for r in report["w4_strategy"]] == [16, 70]
     for r in report["w4_strategy"]:
         assert {"ms_in_loop", "ms_unpack_first", "bf16_ms"} <= r.keys()
-    assert [r["density"] for r in report["attention"] if not r["qk_int8"]] == [1.0, 0.4, 0.25, 0.15]
+    modes = [(r["mode"], r["density"]) for r in report["attention"] if not r["qk_int8"]]
+    assert modes == [("dense", 1.0), ("sparse", 0.4), ("sparse", 0.25), ("sparse", 0.15), ("refresh", 0.15)]
     for r in report["attention"]:
         assert {"density", "ms", "sdpa_ms", "speedup_vs_sdpa", "rel_err"} <= r.keys()
         assert r["rel_err"] < 1e-2
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("0.15")  # the table comes last
+    (refresh,) = (r for r in report["attention"] if r["mode"] == "refresh")
+    assert refresh["separate_ms"] > 0 and refresh["residual_rel_err"] < 1e-2
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("refresh")  # the table comes last
 
 
 @pytest.mark.slow

@@ -122,13 +122,71 @@ def test_two_key_tiles_per_step(density, qk_int8):
     _assert_close(out, reference.sparse_attention(q, k, v, layout, residual, None, qk_int8))
 
 
+def _refresh_reference(q, k, v, layout, qk_int8=False):
+    return reference.refresh_attention(q, k, v, layout, None, qk_int8)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.15, 0.4, 1.0])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32])
+def test_refresh_matches_reference(density, dtype):
+    # Ragged query and key tiles; a row with no kept tile (its residual is the dense output) and,
+    # at density 1, rows that keep every tile (their residual is exactly zero).
+    b, h, lq, lk, d = 1, 2, 300, 200, 32
+    q, k, v = _qkv(b, h, lq, lk, d, dtype, seed=30 + int(density * 100))
+    layout = _layout((h, *reference.block_layout_shape(lq, lk)), density, seed=31)
+    dense, residual = triton_backend.refresh_attention(q, k, v, layout, None)
+    want_dense, want_residual = _refresh_reference(q, k, v, layout)
+    _assert_close(dense, want_dense)
+    _assert_close(residual, want_residual)
+    assert dense.dtype == residual.dtype == dtype
+    rows = reference.SPARSE_BLOCK_M
+    assert torch.equal(residual[0, 0, rows : 2 * rows], dense[0, 0, rows : 2 * rows])  # the empty row
+    if density == 1.0:
+        assert torch.count_nonzero(residual[:, 1]) == 0
+
+
+@pytest.mark.parametrize("block_m,key_tiles", [(64, 1), (128, 1), (128, 2)])
+@pytest.mark.parametrize("qk_int8", [False, True])
+def test_refresh_tile_configurations(block_m, key_tiles, qk_int8):
+    # Odd and even kept counts per row (with two key tiles per step, the step that crosses from
+    # the kept tiles to the others), 7 key tiles of which the last is ragged, one layout per batch
+    # element, and strided q, k, v.
+    b, h, lq, lk, d = 2, 2, 300, 420, 32
+    g = gen(32)
+    q, k, v = (randn(b, n, h, d, seed=g).half().transpose(1, 2) for n in (lq, lk, lk))
+    layout = _layout((b, h, *reference.block_layout_shape(lq, lk)), 0.4, seed=33)
+    q_in, k_in, qk_scales = q, k, None
+    if qk_int8:
+        q_in, q_scales, k_in, k_scales = qk_quant.quantize_qk(q, k)
+        qk_scales = (q_scales, k_scales)
+    got = kernel.refresh_attention(
+        q_in, k_in, v, layout, None, reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N, qk_scales=qk_scales,
+        config=kernel._config(block_m, stages=2, warps=4, key_tiles=key_tiles),
+    )
+    for out, want in zip(got, _refresh_reference(q, k, v, layout, qk_int8), strict=True):
+        _assert_close(out, want)
+
+
+def test_refresh_is_the_dense_and_the_sparse_kernel():
+    # The one-pass pair against the two kernels it replaces: dense mode and sparse mode.
+    b, h, lq, lk, d = 1, 2, 260, 330, 32
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float32, seed=34)
+    layout = _layout((h, *reference.block_layout_shape(lq, lk)), 0.3, seed=35)
+    dense, residual = triton_backend.refresh_attention(q, k, v, layout, 0.2)
+    alone = triton_backend.sparse_attention(q, k, v, None, None, 0.2)
+    sparse = triton_backend.sparse_attention(q, k, v, layout, None, 0.2)
+    _assert_close(dense, alone)
+    _assert_close(residual, alone - sparse)
+
+
 def test_layout_to_indices():
     layout = torch.tensor(
         [[[False, True, False, True], [False, False, False, False], [True, True, True, True]]], device=DEVICE
     )
     idx, counts = kernel.layout_to_indices(layout)
     assert counts.tolist() == [[2, 0, 4]]
-    assert idx[0, 0, :2].tolist() == [1, 3] and idx[0, 2].tolist() == [0, 1, 2, 3]
+    # Kept tiles first, then the others (refresh mode reads on past the count), each ascending.
+    assert idx[0].tolist() == [[1, 3, 0, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize(

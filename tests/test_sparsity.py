@@ -171,6 +171,10 @@ def test_a_step_with_the_residual_of_its_own_input_is_the_dense_output(wan):
     assert sorted(zeros) == sorted(f"{name}{suffix}" for name in residuals for suffix in ("", "_u", "_v"))
     assert zeros["ssar_blocks_0_attn1_u"].shape[-1] == zeros["ssar_blocks_0_attn1_v"].shape[-2] == 32
     assert len(result.refresh_program.graph_signature.user_outputs) == 3
+    # Each layer's refresh is one op (dense attention and its residual in one pass).
+    targets = [n.target for n in result.refresh_program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.qsc.refresh_attention.default) == 2
+    assert torch.ops.qsc.sparse_attention.default not in targets
 
 
 class _Recorder(torch.nn.Module):
