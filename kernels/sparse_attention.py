@@ -46,7 +46,7 @@ def _config(bm: int, stages: int, warps: int, key_tiles: int = 1) -> triton.Conf
 
 # BLOCK_N is the layout's key tile (64). A main-loop step takes KEY_TILES kept tiles of a row at
 # once (their keys need not be adjacent). With two, the per-step softmax bookkeeping (row max,
-# rescaling the accumulator) is paid once per 128 keys: on sm_90 that is 407 instead of 498 SASS
+# rescaling the accumulator) is paid once per 128 keys: on sm_90 that is 332 instead of 429 SASS
 # instructions per thread per 64 keys (benchmarks/results/aot-2026-11-21.jsonl). BLOCK_M must
 # divide the layout's query tile (128) so that a program reads one layout row.
 BLOCK_N = 64
@@ -74,10 +74,11 @@ def _normalize(acc, l_i):
 def _attend_step(
     q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, tiles, stride_kn, stride_vn, Lk, D, qk_scale,
     DENSE: tl.constexpr, QK_INT8: tl.constexpr, KEY_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One online-softmax step of a query tile over its key tiles ``step : step + KEY_TILES`` (of
-    ``tiles``: all key tiles in order when dense, else the row's kept ones, read from ``idx_row``)."""
+    ``tiles``: all key tiles in order when dense, else the row's list read from ``idx_row``).
+    ``MASKED`` masks the keys past ``Lk``: the ragged last tile and absent tiles."""
     keys = tl.arange(0, KEY_TILES * BLOCK_N)
     first_key = tl.zeros([KEY_TILES * BLOCK_N], dtype=tl.int32)
     k_scale = tl.zeros([KEY_TILES * BLOCK_N], dtype=tl.float32)
@@ -95,22 +96,48 @@ def _attend_step(
     else:
         offs_n = first_key + keys % BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
-    in_keys = offs_n < Lk  # the ragged last tile, and absent tiles (placed at Lk)
-    k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                  mask=in_keys[None, :] & (offs_d[:, None] < D), other=0)
+    if MASKED:  # absent tiles are placed at Lk
+        in_keys = offs_n < Lk
+        k_mask = in_keys[None, :] & (offs_d[:, None] < D)
+        v_mask = in_keys[:, None] & (offs_d[None, :] < D)
+    else:
+        k_mask = offs_d[:, None] < D
+        v_mask = offs_d[None, :] < D
+    k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=k_mask, other=0)
     if QK_INT8:  # int8 codes, exact int32 products; qk_scale already holds the query tile's scale
         s = tl.dot(q, k_t, out_dtype=tl.int32).to(tl.float32) * (qk_scale * k_scale[None, :])
     else:
         s = tl.dot(q, k_t) * qk_scale
-    s = tl.where(in_keys[None, :], s, float("-inf"))
+    if MASKED:
+        s = tl.where(in_keys[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: a step's first tile has at least one key
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=in_keys[:, None] & (offs_d[None, :] < D), other=0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tiles(
+    q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, first, end, stride_kn, stride_vn, Lk, D, qk_scale,
+    DENSE: tl.constexpr, QK_INT8: tl.constexpr, KEY_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The online softmax over tiles ``first : end`` of the row's list, ``KEY_TILES`` a step. The
+    list ascends, so only its last step can hold the ragged last key tile, or with two tiles a step
+    a missing second one: that step alone is masked."""
+    last = first + (end - first - 1) // KEY_TILES * KEY_TILES
+    for step in range(first, last, KEY_TILES):
+        m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, end,
+                                     stride_kn, stride_vn, Lk, D, qk_scale,
+                                     DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D, MASKED=False)
+    if first < end:
+        m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, last, end,
+                                     stride_kn, stride_vn, Lk, D, qk_scale,
+                                     DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D, MASKED=True)
+    return m_i, l_i, acc
 
 
 @triton.autotune(
@@ -155,10 +182,8 @@ def _sparse_attention_kernel(
         tiles = tl.cdiv(Lk, BLOCK_N)
     else:
         tiles = tl.load(cnt_ptr + b * stride_cb + h * stride_ch + row)
-    for step in range(0, tiles, KEY_TILES):
-        m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, tiles,
-                                     stride_kn, stride_vn, Lk, D, qk_scale,
-                                     DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D)
+    m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, 0, tiles,
+                                  stride_kn, stride_vn, Lk, D, qk_scale, DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D)
     out = _normalize(acc, l_i)
 
     if REFRESH:  # ``out`` is the sparse output; the row's other tiles make it the dense one
@@ -166,11 +191,9 @@ def _sparse_attention_kernel(
         # registers through the second loop, it would spill there.
         d_ptrs = d_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=tile_mask)
-        all_tiles = tl.cdiv(Lk, BLOCK_N)
-        for step in range(tiles, all_tiles, KEY_TILES):
-            m_i, l_i, acc = _attend_step(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, step, all_tiles,
-                                         stride_kn, stride_vn, Lk, D, qk_scale,
-                                         DENSE, QK_INT8, KEY_TILES, BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_base, v_base, k_scales, idx_row, tiles, tl.cdiv(Lk, BLOCK_N),
+                                      stride_kn, stride_vn, Lk, D, qk_scale, DENSE, QK_INT8, KEY_TILES, BLOCK_N,
+                                      BLOCK_D)
         out = _normalize(acc, l_i).to(d_ptr.dtype.element_ty)
         tl.debug_barrier()  # other threads of the program may have stored the elements a thread loads
         sparse_out = tl.load(d_ptrs, mask=tile_mask, other=0.0)

@@ -167,6 +167,30 @@ def test_refresh_tile_configurations(block_m, key_tiles, qk_int8):
         _assert_close(out, want)
 
 
+@pytest.mark.parametrize("key_tiles", [1, 2])
+def test_only_the_last_step_of_a_row_is_masked(key_tiles):
+    # The kernel masks keys past Lk in a row's last step only. Rows whose lists end in the ragged
+    # last key tile after several full steps, in the middle (the ragged tile not kept), with an odd
+    # count (a missing second tile) and an even one; refresh mode's second list the same way.
+    b, h, lq, lk, d = 1, 1, 512, 500, 32  # 8 key tiles, the last one 52 keys long
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float16, seed=36)
+    layout = torch.tensor([[
+        [True] * 8,
+        [True, False, True, False, True, False, False, True],
+        [True, True, True, True, False, False, False, False],
+        [False, True, True, True, False, True, True, False],
+    ]], device=DEVICE)
+    config = kernel._config(128, stages=2, warps=4, key_tiles=key_tiles)
+    args = (reference.SPARSE_BLOCK_M, reference.SPARSE_BLOCK_N)
+    out = kernel.sparse_attention(q, k, v, layout, None, None, *args, config=config)
+    _assert_close(out, reference.sparse_attention(q, k, v, layout, None, None))
+    for got, want in zip(kernel.refresh_attention(q, k, v, layout, None, *args, config=config),
+                         _refresh_reference(q, k, v, layout), strict=True):
+        _assert_close(got, want)
+    _assert_close(kernel.sparse_attention(q, k, v, None, None, None, *args, config=config),
+                  reference.sparse_attention(q, k, v, None, None, None))
+
+
 def test_refresh_is_the_dense_and_the_sparse_kernel():
     # The one-pass pair against the two kernels it replaces: dense mode and sparse mode.
     b, h, lq, lk, d = 1, 2, 260, 330, 32
