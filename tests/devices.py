@@ -1,7 +1,11 @@
 """Where the kernel tests run. By default on the CPU, through Triton's interpreter; with
 ``QSC_TEST_DEVICE=cuda`` on a GPU, as compiled kernels (the check to run on real hardware):
 
-    QSC_TEST_DEVICE=cuda pytest tests/test_kernels_quant_gemm.py tests/test_kernels_sparse_attention.py
+    QSC_TEST_DEVICE=cuda pytest -n 8 tests/test_kernels_quant_gemm.py tests/test_kernels_sparse_attention.py
+
+On a GPU the autotuner compiles every configuration of the device's list for each kernel
+specialization the tests reach (hundreds on Hopper), one after another in a process: ``-n 8``
+(pytest-xdist) spreads them over eight processes, which share Triton's on-disk cache.
 
 Inputs are drawn on the CPU from seeded generators and then moved, so both runs see the same data.
 """
