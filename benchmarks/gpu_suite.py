@@ -9,9 +9,10 @@ Wan2.1-1.3B at 480x832, 81 frames is 32760 tokens, dim 1536, 12 heads x 128, FFN
 L2 flushed between repeats) on fresh random data. Each row also reports the relative error of the
 kernel against the reference backend (the function it must compute), so a fast wrong kernel shows.
 
-A GPU run writes ``benchmarks/results/gpu-<device>-<date>.json`` (``--out`` to change); a dry run
-writes nothing unless ``--out`` is given: its figures are the interpreter's and mean nothing.
-The table is printed last.
+A GPU run writes ``benchmarks/results/gpu-<device>-<date>.json`` (``--out`` to change), again after
+each section, so a run stopped at a time limit keeps the sections it finished; a dry run writes
+nothing unless ``--out`` is given: its figures are the interpreter's and mean nothing. The table is
+printed last.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from qsc.fsutil import atomic_file
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -360,13 +363,25 @@ def print_table(report: dict) -> None:
         print("end to end:", json.dumps(report["end_to_end"], default=str))
 
 
+def _end_to_end_or_error(device: torch.device, dry_run: bool) -> dict:
+    try:
+        return end_to_end(device, dry_run)
+    except Exception as e:  # the kernel figures of the same run must survive a pipeline failure
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+SECTIONS = ("gemm", "attention", "end_to_end")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="gemm,attention,end_to_end")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, run in this order")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results on a GPU)")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
 
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, just below
@@ -379,23 +394,22 @@ def main(argv: list[str] | None = None) -> dict:
     s = shapes(args.dry_run)
 
     report = environment(device)
-    if "gemm" in sections:
-        report["gemm"] = gemm_rows(device, s)
-        report["w4_strategy"] = w4_strategy_rows(device, s)
-    if "attention" in sections:
-        report["attention"] = attention_rows(device, s)
-    if "end_to_end" in sections:
-        try:
-            report["end_to_end"] = end_to_end(device, args.dry_run)
-        except Exception as e:  # the kernel figures above must survive a pipeline failure
-            report["end_to_end"] = {"error": f"{type(e).__name__}: {e}"}
-
     out_dir = args.out if args.out is not None or args.dry_run else Path(__file__).parent / "results"
-    if out_dir is not None:
-        slug = report["device"].lower().replace(" ", "-")
-        path = out_dir / f"gpu-{slug}-{report['date'].replace(':', '')}.json"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    slug = report["device"].lower().replace(" ", "-")
+    path = out_dir / f"gpu-{slug}-{report['date'].replace(':', '')}.json" if out_dir is not None else None
+    measures = {
+        "gemm": lambda: dict(gemm=gemm_rows(device, s), w4_strategy=w4_strategy_rows(device, s)),
+        "attention": lambda: dict(attention=attention_rows(device, s)),
+        "end_to_end": lambda: dict(end_to_end=_end_to_end_or_error(device, args.dry_run)),
+    }
+    for section in sections:
+        started = time.perf_counter()
+        report.update(measures[section]())
+        print(f"[{section}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if path is not None:  # after every section: a run stopped at a time limit keeps what it measured
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if path is not None:
         print(f"wrote {path}")
     print_table(report)
     return report

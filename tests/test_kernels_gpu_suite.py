@@ -47,6 +47,21 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("refresh")  # the table comes last
 
 
+def test_a_run_stopped_in_a_section_keeps_the_sections_before_it(tmp_path, monkeypatch):
+    suite = _load_suite()
+
+    def stopped(*args):
+        raise KeyboardInterrupt  # what a time limit's signal looks like to the suite
+
+    monkeypatch.setattr(suite, "attention_rows", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--dry-run", "--sections", "gemm,attention", "--out", str(tmp_path)])
+    (written,) = tmp_path.glob("gpu-*.json")
+    report = json.loads(written.read_text())
+    assert report["gemm"] and report["w4_strategy"] and "attention" not in report
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+
 @pytest.mark.slow
 def test_dry_run_end_to_end_times_an_ssar_cycle(tmp_path):
     pytest.importorskip("diffusers")
