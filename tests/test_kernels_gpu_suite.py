@@ -51,7 +51,7 @@ def test_a_run_stopped_in_a_section_keeps_the_sections_before_it(tmp_path, monke
     suite = _load_suite()
 
     def stopped(*args):
-        raise KeyboardInterrupt  # what a time limit's signal looks like to the suite
+        raise KeyboardInterrupt  # stands for a time limit, which kills the process mid-section
 
     monkeypatch.setattr(suite, "attention_rows", stopped)
     with pytest.raises(KeyboardInterrupt):
