@@ -4,12 +4,15 @@ import pytest
 import torch
 
 import qsc
+from qsc import quant
+from qsc.backends import reference
 from qsc.frontend import DenoiserAdapter, export_graph
 from qsc.models import synthetic_calibration
 from qsc.passes import REGISTRY
+from qsc.pipeline import no_progress
 from qsc.passes.insert_observers import SAMPLE_ROWS, ActivationObserver
 from qsc.passes.smooth_quant import ALPHA_GRID, lowered_output, smoothing_factors
-from qsc.schemes import SchemePlan
+from qsc.schemes import LinearScheme, SchemePlan
 
 from tiny_models import tiny_model
 
@@ -26,12 +29,12 @@ def with_outlier_channel(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def smooth(model, preset="w4a8", **overrides):
+def smooth(model, preset="w4a8", progress=no_progress, **overrides):
     """Run the pipeline up to ``smooth_quant``; returns its context and the FP graph."""
     calib = synthetic_calibration(model, 2, seed=0)
     teacher = export_graph(DenoiserAdapter(model), calib.sample(0))
     cfg = qsc.resolve_config(preset, overrides={"calib_samples": 2, **overrides})
-    ctx = qsc.PassContext(cfg, calib, teacher=teacher)
+    ctx = qsc.PassContext(cfg, calib, teacher=teacher, progress=progress)
     passes = [REGISTRY[n]() for n in ("insert_observers", "calibrate", "smooth_quant")]
     qsc.PassManager(passes).run(export_graph(DenoiserAdapter(model), calib.sample(0)), ctx)
     return ctx, teacher
@@ -67,6 +70,31 @@ def test_outlier_channel_is_migrated_and_beats_round_to_nearest(outlier_run):
     assert choice.alpha is not None and choice.alpha > 0
     rtn = sample_error(ctx, teacher, OUTLIER_LAYER, torch.ones_like(choice.factors))
     assert sample_error(ctx, teacher, OUTLIER_LAYER, choice.factors) < 0.9 * rtn
+
+
+@pytest.mark.parametrize("w_bits,group_size,k", [(4, 0, 33), (4, 16, 64), (8, 0, 40), (8, 16, 64)])
+def test_search_lowers_a_candidate_exactly_as_the_stored_layer_runs(w_bits, group_size, k):
+    gen = torch.Generator().manual_seed(k + w_bits)
+    x = torch.randn(7, k, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    weight = torch.randn(24, k, generator=gen).to(torch.bfloat16)
+    s = torch.rand(k, generator=gen) + 0.5
+    scheme = LinearScheme(w_bits, 8, group_size)
+    packed, scale = quant.quantize_packed(weight * s.to(weight.dtype), w_bits, group_size, 0.9)
+    stored = reference.quant_linear(x, packed, scale, None, (1.0 / s).to(weight.dtype), w_bits, 8, group_size, k, 1.0)
+    assert torch.equal(lowered_output(x, weight, s, scheme, 0.9), stored)
+
+
+def test_the_search_reports_progress_layer_by_layer():
+    reported = []
+
+    def progress(items, description, total=None):
+        for item in items:
+            reported.append((description, total))
+            yield item
+
+    ctx, _ = smooth(tiny_model("wan"), progress=progress)
+    layers = len(ctx.analyses["activation_stats"])
+    assert reported.count(("searching smoothing strengths", layers)) == layers > 0
 
 
 def test_same_seed_same_alphas_and_artifact_weights():
