@@ -1,15 +1,18 @@
 """``qsc.backends.inductor``: compressed programs with their activation quantization exposed, so
 that ``torch.compile`` fuses it into the ops that produce the activations."""
 
+import re
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import qsc
 from qsc.backends import inductor
 from qsc.graph import state_inputs
 from qsc.models import synthetic_calibration
 
-from tiny_models import tiny_model
+from tiny_models import CONFIGS, tiny_model
 
 
 def _count(gm, target, a_bits=None):
@@ -43,3 +46,21 @@ def test_activation_quantized_linears_become_quantization_and_gemm(sparse_wan):
     # On the CPU both halves are the reference's: the same function, bit for bit.
     caches = state_inputs(program, inputs)
     torch.testing.assert_close(exposed(**inputs, **caches), program(**inputs, **caches), rtol=0, atol=0)
+
+
+def test_torch_compile_quantizes_the_activations_in_the_kernels_that_make_them(sparse_wan):
+    """Inductor on the CPU: the norm before each attention and before the FFN, and the FFN's GELU,
+    write int8 codes and scales from the kernel that computes them; no separate pass reads their
+    float output back to quantize it."""
+    program, inputs = sparse_wan
+    caches = state_inputs(program, inputs)
+    with torch.no_grad(), torch._inductor.config.patch({"cpp.descriptive_names": "original_aten"}):
+        out, code = run_and_get_code(inductor.torch_compile(program), **inputs, **caches)
+        eager = program(**inputs, **caches)
+    calls = re.findall(r"\b(cpp_fused_\w+)\(", "\n".join(code))  # kernels named by the ATen ops they fuse
+    quantizing = [name for name in calls if "amax" in name and "round" in name]
+    blocks = CONFIGS["wan"][1]["num_layers"]
+    assert sum("native_layer_norm" in name for name in quantizing) == 3 * blocks, calls
+    assert sum("gelu" in name for name in quantizing) == blocks, calls
+    # Inductor reorders float32 arithmetic: a code on a rounding boundary may move one step.
+    assert ((out - eager).norm() / eager.norm()).item() < 1e-3
