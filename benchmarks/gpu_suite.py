@@ -71,7 +71,8 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
     """Low-bit GEMM vs ``torch.matmul`` in the model dtype, the two kernels of ``qsc::quant_linear``
     timed apart: ``ms`` is the GEMM on int8 activation codes (what it costs once the quantization is
     fused into the op before it), ``act_quant_ms`` the per-token quantization pass on its own, and
-    ``linear_ms`` / ``speedup_with_act_quant`` the op as it runs today, both kernels in sequence.
+    ``linear_ms`` / ``speedup_with_act_quant`` the op as it runs today, both kernels in sequence;
+    ``int_mm_ms`` is ``torch._int_mm`` on the same int8 codes, for scale.
     W4 rows time both strategies of the GEMM (``ms_in_loop``, ``ms_unpack_first``); ``ms`` is the
     one ``quant_gemm`` picks at this M (``strategy``)."""
     from qsc import quant
@@ -89,6 +90,10 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
         dense = torch.matmul(x, w_t)
         act_quant_ms = bench_ms(lambda: act_quant.quantize_per_token(x, None, a_bits, 1.0), device)
         codes, code_scales = act_quant.quantize_per_token(x, None, a_bits, 1.0)
+        # PyTorch's int8 GEMM (cuBLASLt on a GPU), int32 out, no epilogue: far below ``ms``, it says
+        # what an asynchronous int8 MMA, which Triton never emits, would be worth.
+        w_codes = quant.quantize_weight(w, quant.weight_scale(w, 8), 8)
+        int_mm_ms = bench_ms(lambda: torch._int_mm(codes, w_codes.t()), device)
         for w_bits in (4, 8):
             scale = quant.weight_scale(w, w_bits)
             qweight = quant.pack_weight(quant.quantize_weight(w, scale, w_bits), w_bits)
@@ -103,7 +108,7 @@ def gemm_rows(device: torch.device, s: dict) -> list[dict]:
             linear_ms = bench_ms(lambda: triton_backend.quant_linear(*args), device)
             out = triton_backend.quant_linear(*args)
             rows.append(dict(
-                row, ms=ms, bf16_ms=bf16_ms, speedup_vs_bf16=bf16_ms / ms,
+                row, ms=ms, bf16_ms=bf16_ms, speedup_vs_bf16=bf16_ms / ms, int_mm_ms=int_mm_ms,
                 act_quant_ms=act_quant_ms, linear_ms=linear_ms, speedup_with_act_quant=bf16_ms / linear_ms,
                 rel_err=rel_err(out, reference.quant_linear(*args)),
                 quant_err_vs_bf16=rel_err(out, dense),  # the quantization's own error, for scale
@@ -342,11 +347,11 @@ def print_table(report: dict) -> None:
     print(f"\n== qsc GPU suite: {report['device']} ({report['date']}) ==")
     if report.get("gemm"):
         print(f"{'GEMM':<8}{'K':>6}{'N':>6}{'W4 unpack':>14}{'ms':>10}{'bf16 ms':>10}{'speedup':>9}{'+quant':>9}"
-              f"{'rel err':>10}")
+              f"{'rel err':>10}{'int_mm ms':>11}")
         for r in report["gemm"]:
             print(f"{r['scheme']:<8}{r['K']:>6}{r['N']:>6}{r.get('strategy', '-'):>14}{r['ms']:>10.3f}"
                   f"{r['bf16_ms']:>10.3f}{r['speedup_vs_bf16']:>8.2f}x{r['speedup_with_act_quant']:>8.2f}x"
-                  f"{r['rel_err']:>10.1e}")
+                  f"{r['rel_err']:>10.1e}{r['int_mm_ms']:>11.3f}")
     if report.get("w4_strategy"):
         print(f"{'W4A8 M':<8}{'K':>6}{'N':>6}{'in loop':>10}{'unpack 1st':>11}{'bf16 ms':>10}")
         for r in report["w4_strategy"]:

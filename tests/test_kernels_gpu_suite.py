@@ -30,7 +30,7 @@ def test_dry_run_writes_the_result_schema(tmp_path, capsys):
     assert {r["scheme"] for r in report["gemm"]} == {"w4a8", "w8a8"}
     for r in report["gemm"]:
         assert {"K", "N", "ms", "bf16_ms", "speedup_vs_bf16", "rel_err"} <= r.keys()
-        assert {"act_quant_ms", "linear_ms", "speedup_with_act_quant"} <= r.keys()
+        assert {"act_quant_ms", "linear_ms", "speedup_with_act_quant", "int_mm_ms"} <= r.keys()
         assert r["rel_err"] < 1e-3  # the kernel computes the reference's function
         if r["scheme"] == "w4a8":
             assert r["ms"] == r[f"ms_{r['strategy']}"] and r["strategy"] == "in_loop"  # M = 70
