@@ -71,7 +71,7 @@ def lowered_output(
     scale = quant.weight_scale(smoothed, scheme.w_bits, scheme.group_size, clip)
     codes = quant.quantize_weight(smoothed, scale, scheme.w_bits, scheme.group_size)
     # The codes go in unpacked, as 8-bit ones: packing is exact, and skipping the round trip takes a
-    # quarter off the search (it lowers every layer once per candidate).
+    # third off the search (it lowers every layer once per candidate).
     return reference.quant_linear(
         x, codes, scale, None, (1.0 / s).to(weight.dtype),
         8, scheme.a_bits, scheme.group_size, weight.shape[1], scheme.a_clip,

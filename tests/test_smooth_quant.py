@@ -9,9 +9,9 @@ from qsc.backends import reference
 from qsc.frontend import DenoiserAdapter, export_graph
 from qsc.models import synthetic_calibration
 from qsc.passes import REGISTRY
-from qsc.pipeline import no_progress
 from qsc.passes.insert_observers import SAMPLE_ROWS, ActivationObserver
 from qsc.passes.smooth_quant import ALPHA_GRID, lowered_output, smoothing_factors
+from qsc.pipeline import no_progress
 from qsc.schemes import LinearScheme, SchemePlan
 
 from tiny_models import tiny_model
@@ -75,7 +75,7 @@ def test_outlier_channel_is_migrated_and_beats_round_to_nearest(outlier_run):
 @pytest.mark.parametrize("w_bits,group_size,k", [(4, 0, 33), (4, 16, 64), (8, 0, 40), (8, 16, 64)])
 def test_search_lowers_a_candidate_exactly_as_the_stored_layer_runs(w_bits, group_size, k):
     gen = torch.Generator().manual_seed(k + w_bits)
-    x = torch.randn(7, k, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    x = torch.randn(7, k, generator=gen).to(torch.bfloat16)
     weight = torch.randn(24, k, generator=gen).to(torch.bfloat16)
     s = torch.rand(k, generator=gen) + 0.5
     scheme = LinearScheme(w_bits, 8, group_size)
