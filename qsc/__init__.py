@@ -14,6 +14,7 @@ from .compiler import CompileResult, compile
 from .config import PRESETS, CompileConfig, resolve_config
 from .errors import QscError
 from .pipeline import Pass, PassContext, PassInstrument, PassManager, PassResult
+from .recording import PipelineRecorder, record
 
 __all__ = [
     "CalibrationSet",
@@ -25,8 +26,10 @@ __all__ = [
     "PassInstrument",
     "PassManager",
     "PassResult",
+    "PipelineRecorder",
     "QscError",
     "compile",
     "load",
+    "record",
     "resolve_config",
 ]

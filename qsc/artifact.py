@@ -28,6 +28,7 @@ from .config import CompileConfig
 from .errors import InputError
 from .fsutil import atomic_directory
 from .runtime import SSARRuntime
+from .signature import ProgramInputs
 
 FORMAT = "qsc-artifact/1"
 PROGRAM = "program.pt2"
@@ -58,12 +59,12 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
             "versions": {"qsc": qsc.__version__, "torch": torch.__version__.split("+")[0]},
             "source": result.source,
             "config": result.config.to_dict(),
-            "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                       for k, v in result.example_inputs.items()},
+            "inputs": ProgramInputs.from_example(result.example_inputs, result.dynamic_dims).to_manifest(),
             "layers": result.layers,
             "attention": result.attention,
             "sizes": result.sizes,
             "metrics": result.metrics,
+            "calibration": result.calibration,
             "files": {name: _sha256(tmp / name) for name in (*programs, WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -72,16 +73,21 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
 
 class CompressedModule(torch.nn.Module):
     """A loaded artifact: call it with the model's keyword inputs; ``.manifest`` says what it is.
-    With SSAR, ``program`` is a ``qsc.runtime.SSARRuntime``: call ``reset()`` between videos."""
+    With SSAR, ``program`` is a ``qsc.runtime.SSARRuntime``: call ``reset()`` between videos.
+
+    Every call is checked against the inputs the program was compiled for (``qsc.signature``); a
+    batched call on a program of batch 1 runs as one call per sample."""
 
     def __init__(self, program_module: torch.nn.Module, manifest: dict[str, Any], backend: str):
         super().__init__()
         self.program = program_module
         self.manifest = manifest
         self.backend = backend
+        self.inputs = ProgramInputs.from_manifest(manifest)
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.program(**inputs)
+        outputs = [self.program(**call) for call in self.inputs.split(inputs)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def reset(self) -> None:
         """Forget state carried across denoising steps (SSAR's caches); a no-op without it."""
@@ -103,8 +109,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path, *, backend: str = "auto") -> CompressedModule:
-    """Load an artifact as a runnable module, with the best backend here unless one is named."""
+def load(path: str | Path, *, backend: str = "auto", like: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Load an artifact as a runnable module, with the best backend here unless one is named.
+
+    ``like``: the FP diffusers transformer the artifact replaces (``pipe.transformer``); the
+    result is then a ``qsc.dropin.DropInTransformer`` that the pipeline calls as it calls the
+    original (``pipe.transformer = qsc.load(path, like=pipe.transformer)``)."""
     path = Path(path)
     manifest = read_manifest(path)
     for name, digest in manifest["files"].items():
@@ -128,7 +138,12 @@ def load(path: str | Path, *, backend: str = "auto") -> CompressedModule:
         module = SSARRuntime.of(programs[PROGRAM], programs[REFRESH], CompileConfig(**_config_fields(manifest)))
     else:
         module = programs[PROGRAM].module()
-    return CompressedModule(module, manifest, backend).requires_grad_(False)
+    compressed = CompressedModule(module, manifest, backend).requires_grad_(False)
+    if like is None:
+        return compressed
+    from .dropin import DropInTransformer
+
+    return DropInTransformer(compressed, like)
 
 
 def _config_fields(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,6 +54,7 @@ class CompileResult:
     metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample (SSAR: uncorrected)
     seconds: float = 0.0
     refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
+    dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {dim: name} left symbolic
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         from .artifact import save_artifact

@@ -3,6 +3,12 @@
 Any ``nn.Module`` compiles when calibration data is given; for the architectures below qsc can
 also make synthetic calibration inputs from the model's config (shapes and dtypes right, values
 random), which is what ``qsc compile`` uses when no ``--calib`` file is given.
+
+The synthetic inputs are shaped and typed like the calls of the architecture's diffusers pipeline
+at its defaults, batch 1 per call: Wan's and HunyuanVideo's flow-matching float timesteps,
+CogVideoX's integer DDIM timesteps, the pipelines' text lengths (Wan 512 tokens, CogVideoX the
+config's ``max_text_seq_length``). The latent is small (2 latent frames of 16 x 16, CogVideoX its
+configured sample size); ``describe_synthetic`` says what was assumed.
 """
 
 from __future__ import annotations
@@ -17,8 +23,18 @@ from .errors import InputError
 InputBuilder = Callable[[torch.nn.Module, torch.Generator], dict[str, torch.Tensor]]
 
 
+WAN_TEXT_TOKENS = 512  # WanPipeline's max_sequence_length: prompts are padded to it
+HUNYUAN_TEXT_TOKENS = 16  # HunyuanVideoPipeline passes the prompt's length (masked): any length works
+
+
 def _timestep(g: torch.Generator) -> torch.Tensor:
+    """An integer timestep, as DDIM-style schedulers (CogVideoX) give them."""
     return torch.randint(1, 1000, (1,), generator=g)
+
+
+def _float_timestep(g: torch.Generator) -> torch.Tensor:
+    """A float timestep in [1, 1000), as flow-matching schedulers (Wan, HunyuanVideo) give them."""
+    return 1 + 999 * torch.rand(1, generator=g)
 
 
 def _wan_inputs(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -26,8 +42,8 @@ def _wan_inputs(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.T
     pt, ph, pw = c.patch_size
     return {
         "hidden_states": torch.randn(1, c.in_channels, 2 * pt, 8 * ph, 8 * pw, generator=g),
-        "timestep": _timestep(g),
-        "encoder_hidden_states": torch.randn(1, 16, c.text_dim, generator=g),
+        "timestep": _float_timestep(g),
+        "encoder_hidden_states": torch.randn(1, WAN_TEXT_TOKENS, c.text_dim, generator=g),
     }
 
 
@@ -48,9 +64,9 @@ def _hunyuan_inputs(model: torch.nn.Module, g: torch.Generator) -> dict[str, tor
     p, pt = c.patch_size, c.patch_size_t
     return {
         "hidden_states": torch.randn(1, c.in_channels, 2 * pt, 8 * p, 8 * p, generator=g),
-        "timestep": _timestep(g),
-        "encoder_hidden_states": torch.randn(1, 16, c.text_embed_dim, generator=g),
-        "encoder_attention_mask": torch.ones(1, 16),
+        "timestep": _float_timestep(g),
+        "encoder_hidden_states": torch.randn(1, HUNYUAN_TEXT_TOKENS, c.text_embed_dim, generator=g),
+        "encoder_attention_mask": torch.ones(1, HUNYUAN_TEXT_TOKENS),
         "pooled_projections": torch.randn(1, c.pooled_projection_dim, generator=g),
         "guidance": torch.full((1,), 6000.0),
     }
@@ -84,3 +100,10 @@ def synthetic_calibration(model: torch.nn.Module, num_samples: int, seed: int) -
     samples = [INPUT_BUILDERS[name](model, g) for _ in range(num_samples)]
     records = [{"source": "synthetic", "seed": seed, "index": i} for i in range(num_samples)]
     return CalibrationSet.from_samples(samples, records=records)
+
+
+def describe_synthetic(calibration: CalibrationSet) -> str:
+    """One line: the shapes and dtypes synthetic calibration assumed (what the artifact will take)."""
+    sample = calibration.sample(0)
+    shapes = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in sample.items())
+    return f"synthetic calibration shaped like the pipeline's calls at its defaults: {shapes}"

@@ -12,7 +12,8 @@ import torch
 from qsc.calibration import CalibrationSet
 from qsc.errors import InputError
 from qsc.metrics import frechet_distance, psnr, ssim
-from qsc.refmodel import PipelineRecorder, as_denoiser, load_reference_model, reference_calibration
+from qsc.recording import PipelineRecorder
+from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
 from qsc.refmodel.data import FRAMES, SIZE, random_batch, render
 from qsc.refmodel.prompts import (
     ALL_PROMPTS,

@@ -8,6 +8,6 @@ structure: ``prompts`` (vocabulary, text-embedding table), ``data`` (clip genera
 """
 
 from .model import as_denoiser, load_reference_model
-from .recording import PipelineRecorder, reference_calibration
+from .recording import reference_calibration
 
-__all__ = ["load_reference_model", "reference_calibration", "as_denoiser", "PipelineRecorder"]
+__all__ = ["load_reference_model", "reference_calibration", "as_denoiser"]

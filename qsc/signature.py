@@ -1,0 +1,114 @@
+"""The inputs a compiled program takes, and the check every call of a loaded artifact passes.
+
+The manifest records each input's shape and dtype as compiled; a dimension the program leaves
+symbolic is written as its name (``"batch"``) instead of a size. A call is checked against that
+record before the program sees it, so a mismatch names the input, the expected and the given shape
+and what to do, instead of a guard failure deep inside ``torch.export``'s module.
+
+A program whose batch is fixed at 1 still serves batched calls (classifier-free guidance stacks
+two, ``num_videos_per_prompt`` more): ``split`` cuts such a call into batch-1 calls, whose outputs
+the caller concatenates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .errors import InputError
+
+BATCH = "batch"  # the name of a symbolic batch dimension in the manifest
+Dim = int | str  # a size, or the name of a symbolic dimension
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: torch.dtype
+
+    @property
+    def static_batch(self) -> bool:
+        """Dimension 0 is the batch, fixed at 1 (the program was compiled for one sample per call)."""
+        return bool(self.shape) and self.shape[0] == 1
+
+    def describe(self) -> str:
+        return f"[{', '.join(str(d) for d in self.shape)}] {str(self.dtype).removeprefix('torch.')}"
+
+    def check(self, value: Any, batch_split: bool) -> None:
+        """Raise a one-line ``InputError`` unless ``value`` fits (dimension 0 is free when the call
+        is split into batch-1 calls)."""
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"input '{self.name}': the artifact takes a tensor {self.describe()}, got {type(value).__name__}")
+        if value.is_floating_point() != self.dtype.is_floating_point or value.is_complex() != self.dtype.is_complex:
+            raise InputError(
+                f"input '{self.name}': the artifact takes {self.describe()}, got {str(value.dtype).removeprefix('torch.')}; "
+                f"compile it from calibration data recorded from this pipeline (qsc record)"
+            )
+        given = tuple(value.shape)
+        fits = len(given) == len(self.shape) and all(
+            isinstance(want, str) or got == want or (batch_split and i == 0)
+            for i, (got, want) in enumerate(zip(given, self.shape))
+        )
+        if not fits:
+            raise InputError(
+                f"input '{self.name}': the artifact takes shape {list(self.shape)}, got {list(given)}; "
+                f"only dimensions named in the expected shape may change: compile from calibration data "
+                f"recorded at this shape (qsc record)"
+            )
+
+
+class ProgramInputs:
+    """The keyword inputs of a compiled program, in order, from an artifact's manifest."""
+
+    def __init__(self, specs: Mapping[str, InputSpec]):
+        self.specs = dict(specs)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "ProgramInputs":
+        return cls({
+            name: InputSpec(name, tuple(entry["shape"]), getattr(torch, entry["dtype"]))
+            for name, entry in manifest["inputs"].items()
+        })
+
+    @classmethod
+    def from_example(cls, example: Mapping[str, torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]) -> "ProgramInputs":
+        """The specs of ``example`` with the dimensions of ``dynamic`` (input -> {dim: name}) named."""
+        return cls({
+            name: InputSpec(name, tuple(dynamic.get(name, {}).get(i, size) for i, size in enumerate(t.shape)), t.dtype)
+            for name, t in example.items()
+        })
+
+    def to_manifest(self) -> dict[str, dict[str, Any]]:
+        return {
+            s.name: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
+            for s in self.specs.values()
+        }
+
+    def split(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Check ``inputs`` and return the calls to make: ``inputs`` itself (in the program's
+        order), or, for a batch of B on a program of batch 1, B calls of one sample each."""
+        missing = [n for n in self.specs if n not in inputs]
+        extra = [n for n in inputs if n not in self.specs]
+        if missing or extra:
+            problem = f"missing {missing}" if missing else f"unexpected {extra}"
+            raise InputError(f"the artifact takes inputs {list(self.specs)}: {problem}")
+        batch = self._batch(inputs)
+        for spec in self.specs.values():
+            spec.check(inputs[spec.name], batch > 1)
+        ordered = {n: inputs[n] for n in self.specs}
+        if batch <= 1:
+            return [ordered]
+        return [{n: t[b : b + 1] if self.specs[n].static_batch else t for n, t in ordered.items()} for b in range(batch)]
+
+    def _batch(self, inputs: Mapping[str, Any]) -> int:
+        """The batch of a call to split (1 when there is nothing to split)."""
+        sizes = {
+            n: inputs[n].shape[0] for n, s in self.specs.items()
+            if s.static_batch and isinstance(inputs[n], torch.Tensor) and inputs[n].dim()
+        }
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"the inputs disagree on the batch size: {sizes}")
+        return next(iter(sizes.values()), 1)
