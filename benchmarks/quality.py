@@ -34,14 +34,24 @@ from qsc.refmodel.judge import adherence, load_judge
 from qsc.refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
 from qsc.refmodel.sampler import sample
 
-METHODS = {"naive PTQ (RTN)": {"smooth_quant": False}, "SmoothQuant PTQ": {"smooth_quant": True}}
-# Sparse presets: attention sparsity alone, then with SSAR's residual correction.
-SPARSE_METHODS = {
-    "SmoothQuant PTQ + sparse attention": {"ssar_tau": 0},
-    "SmoothQuant PTQ + sparse + SSAR": {"ssar_extrapolation": "hold"},  # QuantSparse's rule
-    "SmoothQuant PTQ + sparse + SSAR (linear)": {"ssar_extrapolation": "linear"},  # qsc's default
+# The ablation ladder at each bit width: each row adds one technique to the row before it.
+LEARNED = {"learn_scales": True, "calib_samples": 40}
+TOKEN = {**LEARNED, "recon_loss": "token"}
+S2Q = {**TOKEN, "calib_selection": "salient"}
+LADDER = {
+    "naive PTQ (RTN)": {"smooth_quant": False},
+    "SmoothQuant PTQ": {},
+    "block reconstruction (MSE)": LEARNED,
+    "+ sparse-token distillation": TOKEN,
+    "+ salient selection (= S2Q-VDiT)": S2Q,
+    "+ MSAD": {**S2Q, "msad_global": 1.0, "msad_local": 1.0},
 }
-PRESETS = ("w8a8", "w4a8", "w4a6", "w4a8-sparse")
+# QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
+SPARSE_LADDER = {
+    "PTQ + sparse + SSAR": {"learn_scales": False},
+    "QuantSparse (MSAD + sparse + SSAR)": {},
+}
+PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
 REAL_SEED_BASE = EVAL_SEED_BASE + 200_000
 
@@ -96,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="6 prompts, 10 steps, 4 calibration prompts")
     p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--methods", default="", help="comma-separated row names of the ladders to run [default: all]")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--fp-only", action="store_true", help="only the FP row (no compilation)")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds per evaluation prompt")
     p.add_argument("--threads", type=int, default=2)
@@ -112,22 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     fp = scorer.judge_scores(fp_clips)
     print(f"FP: {json.dumps(fp)} ({time.time() - started:.0f} s)", flush=True)
 
-    rows, compile_seconds = [], []
-    if not args.fp_only:
-        calib = reference_calibration(num_prompts=calib_prompts, steps=steps)
-        for preset in args.presets.split(","):
-            for method, overrides in (SPARSE_METHODS if "sparse" in preset else METHODS).items():
-                result = qsc.compile(model, calibration=calib, preset=preset,
-                                     config={**overrides, "calib_samples": len(calib)})
-                clips = generate(result.module, cases, steps)  # SSAR's state resets with each new video
-                density = statistics.mean(a["density"] for a in result.attention.values()) if result.attention else 1.0
-                rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
-                             **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
-                             "storage_ratio": result.sizes["ratio"]})
-                compile_seconds.append(result.seconds)
-                print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", flush=True)
-
     date = datetime.date.today().isoformat()
+    suffix = f"{'-quick' if args.quick else ''}{'-fp' if args.fp_only else ''}{'-' + args.tag if args.tag else ''}"
+    out = Path(args.out) / f"quality-{date}{suffix}.json"
+    rows, compile_seconds = [], []
     report = {
         "fp": fp,
         "rows": rows,
@@ -138,11 +138,35 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"videos": len(cases), "prompts": prompts, "seeds_per_prompt": args.seeds, "steps": steps,
                      "calibration_prompts": calib_prompts, "real_clips_for_fd": len(scorer.real_features),
                      "judge_held_out_accuracy": json.loads(_judge_accuracy()),
-                     "compile_seconds": compile_seconds, "total_seconds": round(time.time() - started, 1)},
+                     "compile_seconds": compile_seconds},
     }
-    out = Path(args.out) / f"quality-{date}{'-quick' if args.quick else ''}{'-fp' if args.fp_only else ''}.json"
-    with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
+
+    def save() -> None:  # after every row: a run stopped early keeps the rows it finished
+        report["settings"]["total_seconds"] = round(time.time() - started, 1)
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+
+    if not args.fp_only:
+        calib = reference_calibration(num_prompts=calib_prompts, steps=steps)
+        chosen = set(filter(None, args.methods.split(",")))
+        for preset in args.presets.split(","):
+            ladder = SPARSE_LADDER if "sparse" in preset else LADDER
+            for method, overrides in ladder.items():
+                if chosen and method not in chosen:
+                    continue
+                config = dict(overrides)
+                if not qsc.resolve_config(preset, overrides=config).learn_scales:
+                    config.setdefault("calib_samples", len(calib))  # PTQ: every recorded call
+                result = qsc.compile(model, calibration=calib, preset=preset, config=config)
+                clips = generate(result.module, cases, steps)  # SSAR's state resets with each new video
+                density = statistics.mean(a["density"] for a in result.attention.values()) if result.attention else 1.0
+                rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
+                             "config": config, **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
+                             "storage_ratio": result.sizes["ratio"]})
+                compile_seconds.append(result.seconds)
+                save()
+                print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", flush=True)
+    save()
     print(markdown(report))
     print(f"wrote {out} in {time.time() - started:.0f} s")
     return report

@@ -1,7 +1,7 @@
 """The compiler passes, one module each, in pipeline order.
 
-    insert_observers -> calibrate -> smooth_quant -> quantize_linear
-        -> sparsify_attention -> second_order_reparam
+    select_calibration -> insert_observers -> calibrate -> smooth_quant -> learn_scales
+        -> quantize_linear -> sparsify_attention -> second_order_reparam
 
 ``REGISTRY`` maps pass names (as used in configs and ``--dump-ir`` file names) to their classes;
 ``pipeline_for(config)`` turns a configuration into the list of passes that implements it.
@@ -15,22 +15,31 @@ from qsc.pipeline import Pass
 
 from .calibrate import Calibrate
 from .insert_observers import InsertObservers
+from .learn_scales import LearnScales
 from .quantize_linear import QuantizeLinear
 from .second_order_reparam import SecondOrderReparam
+from .select_calibration import SelectCalibration
 from .smooth_quant import SmoothQuant
 from .sparsify_attention import SparsifyAttention
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (InsertObservers, Calibrate, SmoothQuant, QuantizeLinear, SparsifyAttention, SecondOrderReparam)
+    for cls in (
+        SelectCalibration, InsertObservers, Calibrate, SmoothQuant, LearnScales, QuantizeLinear,
+        SparsifyAttention, SecondOrderReparam,
+    )
 }
 
 
 def default_pass_names(config: CompileConfig) -> list[str]:
     """The pipeline a configuration asks for when it does not list its passes explicitly."""
-    names = ["insert_observers", "calibrate"]
+    # Uniform selection is the calibration set's even spread, which every pass gets by default.
+    names = [] if config.calib_selection == "uniform" else ["select_calibration"]
+    names += ["insert_observers", "calibrate"]
     if config.smooth_quant:
         names.append("smooth_quant")
+    if config.learn_scales:
+        names.append("learn_scales")  # starts from smooth_quant's state: it requires its analysis
     names.append("quantize_linear")
     # Attention is sparsified on the quantized graph: the layouts fit the model as it will run.
     if config.density < 1.0:

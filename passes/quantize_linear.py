@@ -2,11 +2,13 @@
 
 Each linear gets the scheme ``qsc.schemes.SchemePlan`` assigns to its layer (weights and
 activations, weight-only, or none). The weight is quantized by round-to-nearest on min-max scales
-(per output channel or per group), optionally shrunk by a per-layer clipping ratio that an earlier
-pass learned (analysis ``weight_clip``), and stored packed (int4 two per byte, or int8). A
+(per output channel or per group), optionally shrunk by clipping ratios that an earlier pass
+learned (analysis ``weight_clip``: per layer, a number or one ratio per output channel and group),
+and stored packed (int4 two per byte, or int8). A
 SmoothQuant multiplier in front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is
-folded into the op's ``in_scale``, and its alpha recorded as the layer's ``smooth_alpha``. The
-original float weight leaves the graph.
+folded into the op's ``in_scale``, and its alpha recorded as the layer's ``smooth_alpha``; a learned
+activation clipping ratio (analysis ``activation_clip``) becomes the op's ``a_clip``. The original
+float weight leaves the graph.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class QuantizeLinear(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = SchemePlan(ctx.config)
         clips = ctx.analyses.get("weight_clip", {})
+        a_clips = ctx.analyses.get("activation_clip", {})
         smoothing = ctx.analyses.get("smoothing", {})
         layers, replaced = {}, []
         sites = linear_sites(gm)
@@ -54,7 +57,8 @@ class QuantizeLinear(Pass):
                     qop = gm.graph.call_function(
                         torch.ops.qsc.quant_linear.default,
                         (x, gm.graph.get_attr(qweight_t), gm.graph.get_attr(scale_t), bias, in_scale,
-                         scheme.w_bits, scheme.a_bits, scheme.group_size, weight.shape[1], scheme.a_clip),
+                         scheme.w_bits, scheme.a_bits, scheme.group_size, weight.shape[1],
+                         a_clips.get(site.layer, scheme.a_clip)),
                     )
                 qop.meta = dict(node.meta)
                 node.replace_all_uses_with(qop)

@@ -145,5 +145,7 @@ def _apply(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, s: torch.
     with gm.graph.inserting_before(site.node):
         inv = gm.graph.get_attr(inv_target)
         smoothed = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, inv))
-    smoothed.meta = {**x.meta, SMOOTH_META: True}
+    # The multiplier belongs to the layer (its module provenance too: the block partition of
+    # learn_scales reads it), whatever produced x (cross-attention: the text embedder).
+    smoothed.meta = {**x.meta, "nn_module_stack": site.node.meta.get("nn_module_stack", {}), SMOOTH_META: True}
     site.node.replace_input_with(x, smoothed)

@@ -44,7 +44,29 @@ class CompileConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on layer paths: removed from candidates
     weight_only_bits: int = 8  # the other linears: int weights, float activations (0 = keep float)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes: linears never quantized
-    calib_samples: int = 16  # calibration samples used, evenly spread over the set
+    calib_samples: int = 16  # calibration samples used, chosen by ``calib_selection``
+    # How the samples are chosen: "uniform" (evenly spread over the set), "salient" (S2Q-VDiT's
+    # Hessian-aware selection: diffusion x quantization saliency, pass ``select_calibration``) or
+    # "random" (a seeded draw, for the ablation).
+    calib_selection: str = "uniform"
+    # Block-wise scale learning against the FP teacher (pass ``learn_scales``): per-channel
+    # smoothing (lr ``lr_smooth``), per-channel weight clipping and per-layer activation clipping
+    # (lr ``lr_clip``), ``scale_epochs`` passes over the samples per block, AdamW + cosine.
+    learn_scales: bool = False
+    scale_epochs: int = 15
+    lr_smooth: float = 5e-3
+    lr_clip: float = 5e-2
+    # The reconstruction loss: "mse" (block-output MSE) or "token" (S2Q-VDiT's sparse-token
+    # distillation: tokens weighted by the FP attention they receive, in [token_weight_min, 1]).
+    recon_loss: str = "mse"
+    token_weight_min: float = 0.5
+    # QuantSparse's MSAD terms, each normalised by its first value then weighted (0 = off): global
+    # (attention of Q and K average-pooled with stride ``msad_stride``) and local (the
+    # ``msad_topk`` most attended tokens as queries against all keys).
+    msad_global: float = 0.0
+    msad_local: float = 0.0
+    msad_stride: int = 128
+    msad_topk: int = 256
     # Attention sparsity: the fraction of 128-query x 64-key tiles each self-attention computes
     # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
     density: float = 1.0
@@ -78,6 +100,21 @@ class CompileConfig:
             raise ConfigError(f"smooth_alpha must be {AUTO_ALPHA!r} or a number in [0, 1], got {alpha!r}")
         if self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if self.calib_selection not in CALIB_SELECTIONS:
+            raise ConfigError(f"calib_selection must be one of {CALIB_SELECTIONS}, got {self.calib_selection!r}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ConfigError(f"recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
+        if self.scale_epochs < 1 or self.msad_stride < 1 or self.msad_topk < 1:
+            raise ConfigError(
+                "scale_epochs, msad_stride and msad_topk must be >= 1, "
+                f"got {self.scale_epochs}, {self.msad_stride}, {self.msad_topk}"
+            )
+        if min(self.lr_smooth, self.lr_clip, self.msad_global, self.msad_local) < 0:
+            raise ConfigError("learning rates and MSAD weights must be >= 0")
+        if self.learn_scales and not self.smooth_quant:
+            raise ConfigError("learn_scales starts from smooth_quant's migration: keep smooth_quant = true")
+        if not 0.0 <= self.token_weight_min <= 1.0:
+            raise ConfigError(f"token_weight_min must be in [0, 1], got {self.token_weight_min}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1] (1 = dense attention), got {self.density}")
         if self.ssar_tau < 0 or self.ssar_rank < 0 or self.dense_steps < 0:
@@ -100,6 +137,15 @@ class CompileConfig:
 
 BACKENDS = ("reference", "triton")
 SSAR_EXTRAPOLATIONS = ("hold", "linear")
+CALIB_SELECTIONS = ("uniform", "salient", "random")
+RECON_LOSSES = ("mse", "token")
+
+# S2Q-VDiT: 40 salient samples (the paper's K), scale learning with sparse-token distillation.
+S2Q = dict(calib_selection="salient", calib_samples=40, learn_scales=True, recon_loss="token")
+# QuantSparse: scale learning with multi-scale salient attention distillation.
+MSAD = dict(learn_scales=True, calib_samples=40, msad_global=1.0, msad_local=1.0)
+# ``--fast``: a short compile with the same passes (tests, CI, a first look).
+FAST = dict(scale_epochs=1, calib_samples=8)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(w_bits=8, a_bits=8),
@@ -107,8 +153,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a8": dict(w_bits=4, a_bits=8),
     "w4a6": dict(w_bits=4, a_bits=6),
     "w4a4": dict(w_bits=4, a_bits=4),
-    # QuantSparse's setting: W4A8, 15% attention tiles, a dense SSAR refresh every 5 steps.
-    "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=5),
+    "w4a8-s2q": dict(w_bits=4, a_bits=8, **S2Q),
+    "w4a6-s2q": dict(w_bits=4, a_bits=6, **S2Q),
+    # QuantSparse's pipeline: W4A8 learned with MSAD, 15% attention tiles, SSAR refreshing every 5
+    # steps (``learn_scales = false`` gives the PTQ version, for the ablation).
+    "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=5, **MSAD),
     "w8a16": dict(w_bits=8, a_bits=16, smooth_quant=False),
     "w4a16": dict(w_bits=4, a_bits=16, smooth_quant=False),
 }

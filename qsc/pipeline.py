@@ -11,7 +11,8 @@ where the pass was rewriting a node, that node.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
 import torch
 from torch import fx
@@ -25,15 +26,23 @@ from .errors import PassError, PipelineError, QscError
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool
+    details: dict[str, Any] = field(default_factory=dict)  # what the pass decided, for its log row
 
 
 class Progress(Protocol):
-    """What passes use to report long work; the CLI supplies a progress bar, tests a no-op."""
+    """What passes use to report long work; the CLI supplies a progress bar, tests a no-op.
+    ``status``, where given, is called after each item for a short text shown beside the bar
+    (a running loss)."""
 
-    def __call__(self, items: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]: ...
+    def __call__(
+        self, items: Iterable[Any], description: str, total: int | None = None,
+        status: Callable[[], str] | None = None,
+    ) -> Iterable[Any]: ...
 
 
-def no_progress(items: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
+def no_progress(
+    items: Iterable[Any], description: str, total: int | None = None, status: Callable[[], str] | None = None
+) -> Iterable[Any]:
     return items
 
 
@@ -48,14 +57,22 @@ class PassContext:
     progress: Progress = no_progress
     # One row per pass run: the manager writes name and ``modified``; instruments add columns.
     pass_log: list[dict[str, Any]] = field(default_factory=list)
+    # Where long passes keep their checkpoints (None: none kept), and whether to continue from them.
+    checkpoint_dir: Path | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self.rng = torch.Generator().manual_seed(self.config.seed)  # for passes that sample
         self.analyses.setdefault("calibration", self.calibration)
 
+    def calibration_indices(self) -> list[int]:
+        """The samples passes calibrate on: those ``select_calibration`` chose, else
+        ``config.calib_samples`` of the set, evenly spaced."""
+        chosen = self.analyses.get("calibration_selection")
+        return list(chosen) if chosen is not None else self.calibration.spread(self.config.calib_samples)
+
     def calibration_samples(self) -> list[dict[str, torch.Tensor]]:
-        """The samples passes calibrate on: ``config.calib_samples`` of the set, evenly spaced."""
-        return [self.calibration.sample(i) for i in self.calibration.spread(self.config.calib_samples)]
+        return [self.calibration.sample(i) for i in self.calibration_indices()]
 
 
 class Pass:
@@ -119,7 +136,7 @@ class PassManager:
             for name in p.invalidates:
                 ctx.analyses.pop(name, None)
             gm = result.graph_module
-            ctx.pass_log.append({"pass": p.name, "modified": result.modified})
+            ctx.pass_log.append({"pass": p.name, "modified": result.modified, **result.details})
             for inst in self.instruments:
                 inst.after_pass(p, result, ctx)
         return gm

@@ -1,0 +1,147 @@
+"""Pass ``select_calibration``: choose the calibration samples the later passes learn from.
+
+S2Q-VDiT's Hessian-aware salient data selection. Every sample of the calibration set (a prompt x
+step of a recorded trajectory, one branch of guidance) is a candidate, scored by two saliencies:
+
+* diffusion saliency ``C_diff = ||x_t - x_{t-1}||^2 / ||x_t||^2``: how much the sampler moves the
+  latent at that step. ``x_{t-1}`` is the ``hidden_states`` of the next step of the same
+  trajectory (same prompt, seed and branch); at a trajectory's last step, where no next step was
+  recorded, one Euler step to noise level 0 with the recorded FP output, ``x_t - t * v``;
+* quantization saliency ``C_quant``: the second-order Taylor view of a layer's output error puts
+  its Hessian at ``2 X^T X`` for the layer's input ``X``; qsc takes ``||X^T X||_F`` of the input of
+  every linear that gets quantized activations, divides it by that layer's largest value over the
+  candidates (so that no layer dominates by its scale), and sums over the layers.
+
+Both are min-max normalised over the candidates and multiplied (a sample must be salient on
+both); the ``calib_samples`` highest scores are kept (ties: the earlier sample). ``uniform``
+(the set's even spread, no pass needed) and ``random`` (a seeded draw) remain for the ablation.
+
+Produces ``calibration_selection`` (the sample indices, ascending) which
+``PassContext.calibration_samples`` serves to every later pass, and ``calibration_records``
+(their prompt, step and branch) for the log and the manifest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import fx
+
+from qsc.calibration import CalibrationSet
+from qsc.graph import quantizable_linears
+from qsc.pipeline import Pass, PassContext, PassResult
+from qsc.schemes import FLOAT_ACTIVATIONS, SchemePlan
+
+LATENT = "hidden_states"  # the diffusers name of the latent a denoiser call takes
+TRAJECTORY_KEYS = ("prompt", "seed", "cfg")  # what tells one recorded trajectory from another
+RECORD_KEYS = ("prompt", "step", "cfg")  # what the log says of a chosen sample
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.ones_like(x)
+
+
+def diffusion_saliency(calib: CalibrationSet) -> torch.Tensor | None:
+    """``C_diff`` of every sample, or None when the set lacks what it needs (a ``hidden_states``
+    input and records with prompt and step)."""
+    if LATENT not in calib.inputs or not all("prompt" in r and "step" in r for r in calib.records):
+        return None
+    latents = calib.inputs[LATENT].double()
+    by_step = {(tuple(r.get(k) for k in TRAJECTORY_KEYS), r["step"]): i for i, r in enumerate(calib.records)}
+    scores = torch.zeros(len(calib), dtype=torch.float64)
+    for i, record in enumerate(calib.records):
+        x = latents[i]
+        following = by_step.get((tuple(record.get(k) for k in TRAJECTORY_KEYS), record["step"] + 1))
+        if following is not None:
+            change = x - latents[following]
+        elif calib.outputs is not None and "t" in record:
+            change = record["t"] * calib.outputs[i].double()  # x_t - (x_t - t v)
+        else:
+            continue  # nothing tells how far this step moves the latent: not salient
+        scores[i] = change.square().sum() / x.square().sum().clamp_min(1e-30)
+    return scores
+
+
+class _GramNorms(fx.Interpreter):
+    """Runs the graph on one sample and records ``||X^T X||_F`` of the input of chosen linears."""
+
+    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, str]):
+        super().__init__(gm)
+        self.layers = layers
+        self.norms: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.layers:
+            x = self.env[n.args[0]].detach().double().reshape(-1, n.args[0].meta["val"].shape[-1])
+            self.norms[self.layers[n]] = float(torch.linalg.matrix_norm(x.T @ x))
+        return super().run_node(n)
+
+
+def quantization_saliency(gm: fx.GraphModule, ctx: PassContext, progress_label: str) -> torch.Tensor:
+    """``C_quant`` of every sample of the set: per-layer Gram norms, each layer scaled to a maximum
+    of 1 over the samples, summed."""
+    plan = SchemePlan(ctx.config)
+    layers = {
+        site.node: site.layer
+        for site in quantizable_linears(gm, ctx.config.include, ctx.config.exclude)
+        if (scheme := plan.scheme(site.layer, site.node.args[1].meta["val"].shape[1])) is not None
+        and scheme.a_bits != FLOAT_ACTIVATIONS
+    }
+    placeholders = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    rows = []
+    with torch.no_grad():
+        for sample in ctx.progress(ctx.calibration, progress_label, total=len(ctx.calibration)):
+            interpreter = _GramNorms(gm, layers)
+            interpreter.run(*(sample[name] for name in placeholders))
+            rows.append([interpreter.norms[layer] for layer in layers.values()])
+    norms = torch.tensor(rows, dtype=torch.float64)  # [samples, layers]
+    return (norms / norms.amax(dim=0).clamp_min(1e-30)).sum(dim=1)
+
+
+def salient_indices(c_diff: torch.Tensor, c_quant: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` samples of highest ``minmax(C_diff) * minmax(C_quant)``, ascending."""
+    score = minmax(c_diff) * minmax(c_quant)
+    order = torch.argsort(score, descending=True, stable=True)
+    return sorted(order[:count].tolist())
+
+
+class SelectCalibration(Pass):
+    name = "select_calibration"
+    produces = ("calibration_selection", "calibration_records")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg, calib = ctx.config, ctx.calibration
+        count = min(cfg.calib_samples, len(calib))
+        method = cfg.calib_selection
+        if method == "salient":
+            c_diff = diffusion_saliency(calib)
+            if c_diff is None:
+                warnings.warn(
+                    f"salient calibration needs the '{LATENT}' input and records with prompt and step "
+                    "(qsc.refmodel / qsc.record write them); this calibration set has none: "
+                    f"using {count} evenly spread samples",
+                    stacklevel=2,
+                )
+                method, chosen = "uniform", calib.spread(count)
+            else:
+                chosen = salient_indices(c_diff, quantization_saliency(gm, ctx, "scoring calibration samples"), count)
+        elif method == "random":
+            chosen = sorted(torch.randperm(len(calib), generator=ctx.rng)[:count].tolist())
+        else:
+            chosen = calib.spread(count)
+        records = [{k: calib.records[i][k] for k in RECORD_KEYS if k in calib.records[i]} for i in chosen]
+        ctx.analyses["calibration_selection"] = chosen
+        ctx.analyses["calibration_records"] = {"method": method, "candidates": len(calib), "samples": records}
+        return PassResult(gm, modified=False, details={"selection": method, "selected": _summary(records)})
+
+
+def _summary(records: list[dict[str, Any]]) -> str:
+    """``prompt: steps`` per prompt, the form a log line can show."""
+    steps = defaultdict(list)
+    for r in records:
+        steps[r.get("prompt", "?")].append(f"{r.get('step', '?')}{'u' if r.get('cfg') == 'uncond' else ''}")
+    return "; ".join(f"{prompt}: {' '.join(map(str, s))}" for prompt, s in steps.items())
