@@ -17,14 +17,13 @@ from it.
 
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qsc.graph import add_input, derive, finalize, set_signature
+from qsc.graph import add_input, deepcopy, derive, finalize, set_signature
 from qsc.lowrank import factor_shapes
 from qsc.pipeline import Pass, PassContext, PassResult
 
@@ -71,7 +70,7 @@ class SecondOrderReparam(Pass):
 def refresh_graph(step: fx.GraphModule) -> fx.GraphModule:
     """The refresh program of a step program: same inputs minus the caches; outputs
     ``(output, {cache name: D})``. Shares every weight with ``step``."""
-    graph = copy.deepcopy(step.graph)
+    graph = deepcopy(step.graph)
     residuals = {}
     for node in sparse_attention_nodes(graph):
         cache_inputs = [node.kwargs[arg] for arg in CACHE_ARGS]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,12 +21,14 @@ from .frontend import (
     ModelSource,
     cast_inputs,
     check_inputs_fit,
-    export_graph,
+    export_program,
+    export_teacher,
     load_model,
     match_program_inputs,
     model_dtype,
 )
-from .graph import state_inputs
+from .graph import deepcopy, state_inputs
+from .shapes import graph_dynamic_dims, named_dims
 from .instruments import DumpIR, NumericCheck, Timing
 from .models import synthetic_calibration
 from .pipeline import PassContext, PassManager, Progress, no_progress
@@ -109,6 +109,7 @@ def compile(
         module=module if refresh_program is None else SSARRuntime.of(program, refresh_program, cfg),
         program=program,
         refresh_program=refresh_program,
+        dynamic_dims=named_dims(graph_dynamic_dims(program.graph_module), list(sample)),
         config=cfg,
         source=source.description,
         example_inputs=sample,
@@ -132,15 +133,12 @@ def _trace(source: ModelSource, calib: CalibrationSet) -> tuple[fx.GraphModule, 
     adapter = DenoiserAdapter(source.module).eval()
     calib = CalibrationSet(cast_inputs(calib.inputs, model_dtype(adapter)), calib.outputs, calib.records)
     fp_out = check_inputs_fit(adapter, calib.sample(0))
-    return export_graph(adapter, calib.sample(0)), calib, fp_out
+    return export_teacher(adapter, calib.sample(0)), calib, fp_out
 
 
 def _working_copy(teacher: fx.GraphModule) -> fx.GraphModule:
     """The graph passes edit; the teacher (which shares the user's weights) stays untouched."""
-    with warnings.catch_warnings():
-        # torch's own treespec pickling warns about its own deprecated LeafSpec check.
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(teacher)
+    return deepcopy(teacher)
 
 
 def output_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -181,10 +179,10 @@ def _calibration(calibration: Any, source: ModelSource, cfg: CompileConfig) -> C
 
 
 def _reexport(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
-    """Export the compressed graph again: proves it is still a program, and is what gets saved."""
+    """Export the compressed graph again: proves it is still a program, and is what gets saved. The
+    dimensions the graph leaves symbolic (the batch) stay symbolic."""
     try:
-        with torch.no_grad():
-            return torch.export.export(gm, (), sample, strict=False)
+        return export_program(gm, sample, graph_dynamic_dims(gm))
     except Exception as e:
         raise ExportError(f"the compressed graph no longer exports (a qsc bug): {type(e).__name__}: {e}") from e
 

@@ -18,6 +18,7 @@ import inspect
 import json
 import pickle
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import fx
 
 from .errors import ExportError, InputError
 from .models import architecture_class
+from .shapes import DynamicDims, batch_dims, batched_example, export_dynamic_shapes
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 
@@ -79,7 +81,7 @@ def _load_program(path: Path) -> ModelSource:
         program = torch.export.load(path)
     except Exception as e:
         raise InputError(f"{path}: not a readable torch.export program ({type(e).__name__}: {e})") from None
-    return ModelSource({"kind": "pt2", "path": str(path)}, program=program)
+    return ModelSource({"kind": "pt2", "path": str(path.resolve())}, program=program)
 
 
 def match_program_inputs(
@@ -113,7 +115,7 @@ def _load_diffusers_dir(path: Path) -> ModelSource:
         model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except Exception as e:
         raise InputError(f"{path}: could not load the {class_name} weights: {e}") from None
-    return ModelSource({"kind": "diffusers", "path": str(path), "arch": class_name}, module=model.eval())
+    return ModelSource({"kind": "diffusers", "path": str(path.resolve()), "arch": class_name}, module=model.eval())
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -148,7 +150,8 @@ def _load_state_dict_model(
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not match {arch} with config {model_config}: {e}") from None
-    desc = {"kind": "state_dict", "path": str(path), "arch": arch, "model_config": str(model_config)}
+    desc = {"kind": "state_dict", "path": str(path.resolve()), "arch": arch,
+            "model_config": str(Path(model_config).resolve())}
     return ModelSource(desc, module=model.eval())
 
 
@@ -166,7 +169,7 @@ def _load_torch_file(path: Path, arch: str | None, model_config: Any, trust_pick
     except Exception as e:
         raise InputError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
     if isinstance(obj, torch.nn.Module):
-        return ModelSource({"kind": "pickle", "path": str(path)}, module=obj.eval())
+        return ModelSource({"kind": "pickle", "path": str(path.resolve())}, module=obj.eval())
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _load_state_dict_model(path, obj, arch, model_config)
     raise InputError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
@@ -227,11 +230,37 @@ _EXPORT_HINTS = (
 )
 
 
-def export_graph(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Non-strict ``torch.export`` with ``sample`` as example keyword inputs; the unlifted graph."""
+def export_graph(
+    module: torch.nn.Module, sample: dict[str, torch.Tensor], dynamic: DynamicDims | None = None
+) -> fx.GraphModule:
+    """Non-strict ``torch.export`` with ``sample`` as example keyword inputs; the unlifted graph.
+    ``dynamic`` names the dimensions left symbolic (``qsc.shapes``; exported from a batch-2 example)."""
+    return export_program(module, sample, dynamic).module()
+
+
+def export_teacher(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The FP graph compiles start from: with a symbolic batch where the model allows it, else
+    (with a warning saying why) for the calibration batch, which batched calls are split into."""
+    try:
+        return export_graph(module, sample, batch_dims(sample))
+    except ExportError as e:
+        static = export_graph(module, sample)  # a model that cannot be traced at all fails here
+        reason = str(e).splitlines()[0].removeprefix("torch.export could not trace the model")
+        warnings.warn(f"the model does not export with a symbolic batch{reason}; the artifact takes batch 1 "
+                      f"and splits batched calls", stacklevel=2)
+        return static
+
+
+def export_program(
+    module: torch.nn.Module, sample: dict[str, torch.Tensor], dynamic: DynamicDims | None = None
+) -> torch.export.ExportedProgram:
+    """``export_graph``'s program."""
+    if dynamic:
+        module, sample = _keyword_forward(module, list(sample)), batched_example(sample, dynamic)
+    dynamic_shapes = export_dynamic_shapes(dynamic, list(sample)) if dynamic else None
     try:
         with torch.no_grad():
-            program = torch.export.export(module, (), sample, strict=False)
+            return torch.export.export(module, (), sample, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
         message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         frame = _innermost_model_frame(e)
@@ -240,7 +269,24 @@ def export_graph(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx
             f"torch.export could not trace the model{f' at {frame}' if frame else ''}: {message}"
             + (f"\n  fix: {hint}" if hint else "")
         ) from e
-    return program.module()
+
+
+def _keyword_forward(module: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """``module`` whose forward declares ``names`` as keyword-only parameters: torch.export takes a
+    dynamic shape per input only by parameter name, which a ``forward(**inputs)`` does not have."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return module
+    forward = type(module).forward
+
+    def named_forward(**inputs: torch.Tensor) -> Any:
+        return forward(module, **inputs)
+
+    named_forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
+    )
+    module.forward = named_forward  # this instance only; the class keeps its forward
+    return module
 
 
 def _innermost_model_frame(e: BaseException) -> str | None:
@@ -253,10 +299,16 @@ def _innermost_model_frame(e: BaseException) -> str | None:
 
 
 def reload_model(description: dict[str, Any], *, trust_pickle: bool = False) -> ModelSource:
-    """Load the FP model an artifact was compiled from, as its manifest describes it."""
+    """Load the FP model an artifact was compiled from, as its manifest describes it (absolute
+    paths, so from any directory)."""
     kind = description.get("kind")
     if kind == "bundled":
         return bundled_model()
+    if "path" in description and not Path(description["path"]).exists():
+        raise InputError(
+            f"the FP model the artifact was compiled from, {description['path']}, is not there: "
+            f"name it with --model"
+        )
     if kind in ("pt2", "diffusers", "pickle"):
         return load_model(description["path"], trust_pickle=trust_pickle)
     if kind == "state_dict":

@@ -9,17 +9,23 @@ reports and errors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from .shapes import concrete_shape, symbol_sizes
+
 ADAPTER_PREFIX = "model."
 aten = torch.ops.aten
+T = TypeVar("T")
 
 
 def layer_path(target: str) -> str:
@@ -104,10 +110,14 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
 
 def add_input(gm: fx.GraphModule, name: str, shape: Sequence[int], dtype: torch.dtype) -> fx.Node:
     """A new keyword input ``name`` of the program, of ``shape`` and ``dtype``, after the existing ones."""
-    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    with gm.graph.inserting_after(last):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(name)
-    node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
+    # A shape with symbolic sizes (the batch) can only live in the fake mode of the graph's values.
+    fake = next((p.meta["val"] for p in placeholders if isinstance(p.meta.get("val"), FakeTensor)), None)
+    node.meta["val"] = (
+        fake.new_empty(shape, dtype=dtype) if fake is not None else torch.empty(shape, dtype=dtype, device="meta")
+    )
     set_signature(gm)
     return node
 
@@ -125,10 +135,11 @@ def set_signature(gm: fx.GraphModule, out_spec: pytree.TreeSpec | None = None) -
 
 def state_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The graph's inputs beyond the model's own (state a runtime threads through, such as SSAR's
-    residual caches), as zeros: the value that means "no state yet"."""
+    residual caches), as zeros: the value that means "no state yet", sized for ``inputs``' batch."""
     device = next(iter(inputs.values())).device
+    sizes = symbol_sizes(gm, inputs)
     return {
-        n.target: torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device)
+        n.target: torch.zeros(concrete_shape(n.meta["val"].shape, sizes), dtype=n.meta["val"].dtype, device=device)
         for n in gm.graph.nodes
         if n.op == "placeholder" and n.target not in inputs
     }
@@ -151,6 +162,14 @@ def remove_attr(gm: fx.GraphModule, target: str) -> None:
         del owner._parameters[name]
     elif name in owner._buffers:
         del owner._buffers[name]
+
+
+def deepcopy(obj: T) -> T:
+    """``copy.deepcopy`` of a graph or graph module, without the FutureWarning torch's own treespec
+    pickling raises about its own deprecated ``LeafSpec`` check."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(obj)
 
 
 def derive(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .calibration import CalibrationSet
-from .errors import CalibrationError
+from .errors import CalibrationError, InputError
 
 STACKED_BRANCHES = "cond_uncond"  # the cache_context of calls that stack both branches of guidance
 
@@ -156,3 +157,22 @@ def record(pipe: Any, prompts: Sequence[str], *, seed: int = 0, **pipeline_optio
             generator = torch.Generator().manual_seed(seed + i)
             pipe(prompt=prompt, generator=generator, output_type="latent", **pipeline_options)
     return recorder.calibration()
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A diffusers pipeline directory (``model_index.json``), loaded offline, progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        # dtype by .to(): from_pretrained's own argument changed its name across diffusers versions
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True).to(dtype)
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{path}: could not load the pipeline: {type(e).__name__}: {message}") from None
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise InputError(f"{path}: the pipeline has no transformer to record")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any, Iterable, Mapping
 
 from rich.table import Table
+from rich.text import Text
 from torch import fx
 
 from .schemes import LinearScheme
@@ -77,6 +78,17 @@ def attention_table(attention: Mapping[str, Mapping[str, Any]]) -> Table:
         table.add_column(column)
     for name, info in attention.items():
         table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}")
+    return table
+
+
+def inputs_table(inputs: Mapping[str, Mapping[str, Any]]) -> Table:
+    """The artifact's inputs as its manifest records them: shape (named dimensions are free, e.g.
+    ``batch``) and dtype."""
+    table = Table(title="inputs")
+    for column in ("input", "shape", "dtype"):
+        table.add_column(column)
+    for name, info in inputs.items():
+        table.add_row(name, Text(f"[{', '.join(map(str, info['shape']))}]"), info["dtype"])  # not markup
     return table
 
 

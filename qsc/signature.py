@@ -30,12 +30,16 @@ class InputSpec:
     dtype: torch.dtype
 
     @property
+    def batched(self) -> bool:
+        """Dimension 0 is the batch: symbolic, or 1 (a program compiled for one sample per call)."""
+        return bool(self.shape) and self.shape[0] in (1, BATCH)
+
+    @property
     def static_batch(self) -> bool:
-        """Dimension 0 is the batch, fixed at 1 (the program was compiled for one sample per call)."""
         return bool(self.shape) and self.shape[0] == 1
 
     def describe(self) -> str:
-        return f"[{', '.join(str(d) for d in self.shape)}] {str(self.dtype).removeprefix('torch.')}"
+        return f"{_shape(self.shape)} {str(self.dtype).removeprefix('torch.')}"
 
     def check(self, value: Any, batch_split: bool) -> None:
         """Raise a one-line ``InputError`` unless ``value`` fits (dimension 0 is free when the call
@@ -54,14 +58,14 @@ class InputSpec:
         )
         if not fits:
             raise InputError(
-                f"input '{self.name}': the artifact takes shape {list(self.shape)}, got {list(given)}; "
+                f"input '{self.name}': the artifact takes shape {_shape(self.shape)}, got {_shape(given)}; "
                 f"only dimensions named in the expected shape may change: compile from calibration data "
                 f"recorded at this shape (qsc record)"
             )
 
 
 class ProgramInputs:
-    """The keyword inputs of a compiled program, in order, from an artifact's manifest."""
+    """The keyword inputs of a compiled program, from an artifact's manifest."""
 
     def __init__(self, specs: Mapping[str, InputSpec]):
         self.specs = dict(specs)
@@ -88,27 +92,34 @@ class ProgramInputs:
         }
 
     def split(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Check ``inputs`` and return the calls to make: ``inputs`` itself (in the program's
-        order), or, for a batch of B on a program of batch 1, B calls of one sample each."""
+        """Check ``inputs`` and return the calls to make: ``inputs`` itself, or, for a batch of B
+        on a program of batch 1, B calls of one sample each."""
         missing = [n for n in self.specs if n not in inputs]
         extra = [n for n in inputs if n not in self.specs]
         if missing or extra:
             problem = f"missing {missing}" if missing else f"unexpected {extra}"
             raise InputError(f"the artifact takes inputs {list(self.specs)}: {problem}")
-        batch = self._batch(inputs)
+        split = self._batch(inputs) > 1 and any(s.static_batch for s in self.specs.values())
         for spec in self.specs.values():
-            spec.check(inputs[spec.name], batch > 1)
-        ordered = {n: inputs[n] for n in self.specs}
-        if batch <= 1:
-            return [ordered]
-        return [{n: t[b : b + 1] if self.specs[n].static_batch else t for n, t in ordered.items()} for b in range(batch)]
+            spec.check(inputs[spec.name], split)
+        if not split:
+            return [dict(inputs)]
+        return [
+            {n: t[b : b + 1] if self.specs[n].static_batch else t for n, t in inputs.items()}
+            for b in range(self._batch(inputs))
+        ]
 
     def _batch(self, inputs: Mapping[str, Any]) -> int:
-        """The batch of a call to split (1 when there is nothing to split)."""
+        """The batch of a call, the same in every batched input (1 when none is batched)."""
         sizes = {
             n: inputs[n].shape[0] for n, s in self.specs.items()
-            if s.static_batch and isinstance(inputs[n], torch.Tensor) and inputs[n].dim()
+            if s.batched and isinstance(inputs[n], torch.Tensor) and inputs[n].dim()
         }
         if len(set(sizes.values())) > 1:
             raise InputError(f"the inputs disagree on the batch size: {sizes}")
         return next(iter(sizes.values()), 1)
+
+
+def _shape(shape: tuple[Dim, ...]) -> str:
+    """``[batch, 4, 2, 8, 8]``: sizes and the names of symbolic dimensions, unquoted."""
+    return f"[{', '.join(str(d) for d in shape)}]"

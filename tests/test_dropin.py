@@ -91,14 +91,16 @@ def test_cogvideox_pipeline_runs_the_artifact_as_its_transformer(cogvideox, case
     assert MIN_PSNR["cogvideox"] <= psnr(video, reference, peak=1.0) < math.inf
 
 
-def test_ssar_artifact_in_the_wan_pipeline_keeps_one_cache_per_video_and_branch(tmp_path):
+def test_ssar_artifact_in_the_wan_pipeline_keeps_caches_per_guidance_branch(tmp_path):
     pipe = wan_pipeline()
     path = _compiled(pipe, WAN_SPARSE_SIZE, "w4a8-sparse", tmp_path / "sparse.qsc")
     reference, video, dropin = _compare(pipe, path, WAN_SPARSE_SIZE, CASES["two-videos"])
     runtime = dropin.compressed.program
     assert isinstance(runtime, SSARRuntime)
-    assert len(runtime._branches) == 4  # 2 videos x (cond, uncond), each call split into batch 1
     assert runtime.step_index == STEPS - 1
+    # (cond, uncond), each one call of batch 2 (the two videos) with caches of batch 2
+    assert len(runtime._branches) == 2
+    assert {d.shape[0] for branch in runtime._branches for d in branch.residuals.values()} == {2}
     assert MIN_PSNR["wan-sparse"] <= psnr(video, reference, peak=1.0) < math.inf
 
 
@@ -126,11 +128,11 @@ def test_calls_the_artifact_cannot_serve_fail_with_one_line_naming_the_input(wan
     dropin = qsc.load(path, like=pipe.transformer)
     sample = qsc.record(pipe, [PROMPT], num_inference_steps=1, guidance_scale=1.0, **WAN_SIZE).sample(0)
     bigger = torch.randn(1, 4, 2, 16, 16)
-    with pytest.raises(InputError, match=r"^input 'hidden_states': the artifact takes shape \[1, 4, 2, 8, 8\], "
+    with pytest.raises(InputError, match=r"^input 'hidden_states': the artifact takes shape \[batch, 4, 2, 8, 8\], "
                                          r"got \[1, 4, 2, 16, 16\]; .*qsc record") as e:
         dropin(**{**sample, "hidden_states": bigger})
     assert "\n" not in str(e.value)
-    with pytest.raises(InputError, match=r"^input 'timestep': the artifact takes \[1\] float32, got int64"):
+    with pytest.raises(InputError, match=r"^input 'timestep': the artifact takes \[batch\] float32, got int64"):
         dropin(**{**sample, "timestep": torch.tensor([500])})
     with pytest.raises(InputError, match="attention_kwargs"):
         dropin(**sample, attention_kwargs={"scale": 0.5})

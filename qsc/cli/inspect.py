@@ -17,26 +17,29 @@ from . import stdout
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="config.json for --arch")
 @click.option("--trust-pickle", is_flag=True, help="allow loading a pickled nn.Module")
 def inspect_command(target, preset, calib, arch, model_config, trust_pickle):
-    """Show what TARGET contains: operators, quantized layers and how, sparse attention layers,
-    bytes before/after.
+    """Show what TARGET contains: inputs (shapes and dtypes), operators, quantized layers and how,
+    sparse attention layers, bytes before/after.
 
     TARGET is an artifact directory (NAME.qsc) or any model `qsc compile` accepts; for a model,
     the layers the preset would quantize are listed with their expected packed size.
     """
     from qsc.inspection import inspect_artifact, inspect_model
     from qsc.artifact import read_manifest
-    from qsc.report import attention_table, human_bytes, layer_table, operator_table
+    from qsc.report import attention_table, human_bytes, inputs_table, layer_table, operator_table
 
     path = Path(target)
-    attention = {}
+    attention, inputs = {}, {}
     if (path / "manifest.json").is_file():
         graph, layers, sizes = inspect_artifact(path)
-        attention = read_manifest(path).get("attention", {})
+        manifest = read_manifest(path)
+        attention, inputs = manifest.get("attention", {}), manifest.get("inputs", {})
         title = "quantized layers"
     else:
         graph, layers, sizes = inspect_model(path, preset=preset, calib=calib, arch=arch,
                                              model_config=model_config, trust_pickle=trust_pickle)
         title = "layers the preset would quantize"
+    if inputs:
+        stdout.print(inputs_table(inputs))
     stdout.print(operator_table(graph))
     stdout.print(layer_table(layers, title=title))
     if attention:
