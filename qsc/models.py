@@ -8,7 +8,7 @@ The synthetic inputs are shaped and typed like the calls of the architecture's d
 at its defaults, batch 1 per call: Wan's and HunyuanVideo's flow-matching float timesteps,
 CogVideoX's integer DDIM timesteps, the pipelines' text lengths (Wan 512 tokens, CogVideoX the
 config's ``max_text_seq_length``). The latent is small (2 latent frames of 16 x 16, CogVideoX its
-configured sample size); ``describe_synthetic`` says what was assumed.
+configured sample size); the artifact's manifest and ``qsc inspect`` show what was assumed.
 """
 
 from __future__ import annotations
@@ -101,9 +101,3 @@ def synthetic_calibration(model: torch.nn.Module, num_samples: int, seed: int) -
     records = [{"source": "synthetic", "seed": seed, "index": i} for i in range(num_samples)]
     return CalibrationSet.from_samples(samples, records=records)
 
-
-def describe_synthetic(calibration: CalibrationSet) -> str:
-    """One line: the shapes and dtypes synthetic calibration assumed (what the artifact will take)."""
-    sample = calibration.sample(0)
-    shapes = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in sample.items())
-    return f"synthetic calibration shaped like the pipeline's calls at its defaults: {shapes}"
