@@ -1,4 +1,4 @@
-"""The ``qsc`` command line: ``compile``, ``inspect``, ``eval``, ``generate``, ``record``.
+"""The ``qsc`` command line: ``compile``, ``inspect``, ``eval``, ``export``, ``generate``, ``record``.
 
 Every failure the user can cause is a ``QscError``: printed as one ``error:`` line on stderr with a
 non-zero exit status (2 for bad input or configuration, 3 for a failing pass).
@@ -49,11 +49,12 @@ def cli() -> None:
 def _register() -> None:
     from .compile import compile_command
     from .eval import eval_command
+    from .export import export_command
     from .generate import generate
     from .inspect import inspect_command
     from .record import record_command
 
-    for command in (compile_command, inspect_command, eval_command, generate, record_command):
+    for command in (compile_command, inspect_command, eval_command, export_command, generate, record_command):
         cli.add_command(command)
 
 

@@ -1,0 +1,52 @@
+"""``qsc export``."""
+
+from __future__ import annotations
+
+import click
+
+from . import stderr, stdout
+
+
+@click.command("export")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="ONNX graphs, or a TensorRT engine built from the plugin graph (needs TensorRT and a GPU)")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="output directory [default: ARTIFACT/onnx, ARTIFACT/onnx-standard with --no-plugins, "
+                   "ARTIFACT/tensorrt]")
+@click.option("--no-plugins", is_flag=True,
+              help="standard ONNX operators only (any ONNX runtime; slower): no qsc plugin nodes")
+@click.option("-f", "--force", is_flag=True, help="replace the output directory if it exists")
+def export_command(artifact, fmt, output, no_plugins, force):
+    """Export ARTIFACT (a NAME.qsc directory) for deployment outside PyTorch.
+
+    ONNX (opset 21): program.onnx, and refresh.onnx for an SSAR artifact, whose caches are graph
+    inputs and outputs; onnx.json says what each file takes and returns. The plugin graph has a
+    qsc plugin node per compressed layer, for TensorRT; --no-plugins writes the same function in
+    standard operators only. --format tensorrt also builds the engine.
+    """
+    from pathlib import Path
+
+    from qsc.errors import ConfigError
+
+    try:
+        from qsc.backends.tensorrt import engine, onnx_export
+    except ImportError as e:
+        raise ConfigError(f"ONNX export needs the '{e.name}' package: pip install 'qsc[onnx]'") from None
+
+    if fmt == "tensorrt" and no_plugins:
+        raise ConfigError("--format tensorrt builds from the plugin graph: drop --no-plugins")
+    if fmt == "tensorrt":
+        engine.require_tensorrt()
+    target = Path(output) if output else None
+    if target is None:
+        target = (engine.default_output(artifact) if fmt == "tensorrt"
+                  else onnx_export.default_output(artifact, use_plugins=not no_plugins))
+    if target.exists() and not force:
+        raise click.UsageError(f"{target} exists; pass --force to replace it")
+    with stderr.status(f"exporting {artifact} to {fmt}"):
+        if fmt == "tensorrt":
+            written = engine.export_engine(artifact, target, overwrite=force)
+        else:
+            written = onnx_export.export_artifact(artifact, target, use_plugins=not no_plugins, overwrite=force)
+    stdout.print(f"wrote [bold]{written}[/]")

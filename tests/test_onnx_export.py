@@ -1,0 +1,232 @@
+"""ONNX export: the plugin-free graph run by onnxruntime against the PyTorch artifact (reference
+backend), the plugin graph with its plugin nodes bound to the reference ops in Python, SSAR's
+caches threaded across steps through the exported programs, and ``qsc export``.
+
+Tolerance. Outside the ``qsc::`` ops, onnxruntime and PyTorch round float32 differently (fused
+layer norms, GEMM summation order). A linear then sees inputs a few ulps apart, and where a token's
+value sits on a rounding boundary of per-token quantization its code moves by one step. So with
+quantized activations the outputs agree to ``REL_L2`` (relative L2 over the output), and with float
+activations (W8A16: no rounding boundaries to cross) to float32 rounding, ``REL_L2_FLOAT``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+import qsc  # noqa: E402
+from qsc.backends.tensorrt import onnx_export, ort, plugins  # noqa: E402
+from qsc.cli import cli  # noqa: E402
+from qsc.metrics import relative_l2  # noqa: E402
+from qsc.models import synthetic_calibration  # noqa: E402
+
+from tiny_models import tiny_model  # noqa: E402
+
+REL_L2 = 2e-3
+REL_L2_FLOAT = 1e-6
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+# W4A8 with weight groups of 32 input channels: blocked DequantizeLinear of INT4 weights.
+GROUP_SIZE = {"w4a8": 32}
+
+
+@functools.cache
+def _artifact(tmp_root, model: str, preset: str):
+    source = tiny_model(model) if model != "reference" else None
+    calib = synthetic_calibration(source, 2, seed=0) if source is not None else None
+    config = {"calib_samples": 2, "check_numerics": False, "group_size": GROUP_SIZE.get(preset, 0)}
+    result = qsc.compile(source, calib, preset=preset, config=config)
+    return result.save(tmp_root / f"{model}-{preset}.qsc")
+
+
+@functools.cache
+def _export(artifact, use_plugins: bool):
+    return onnx_export.export_artifact(artifact, use_plugins=use_plugins)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    return lambda model, preset: _artifact(root, model, preset)
+
+
+def _inputs(program, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random model inputs (no SSAR caches) in the program's order, timestep 500."""
+    gm = getattr(program, "step_program", program)
+    g = torch.Generator().manual_seed(seed)
+    inputs = {k: v for k, v in onnx_export.example_inputs(gm).items() if not k.startswith("ssar_")}
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.full_like(v, 500)
+            for k, v in inputs.items()}
+
+
+def _compare(artifact_dir, export_dir, tolerance: float) -> float:
+    expected = qsc.load(artifact_dir, backend="reference").program
+    inputs = _inputs(expected)
+    with torch.no_grad():
+        reference = expected(**inputs)
+    error = relative_l2(ort.load(export_dir)(**inputs), reference)
+    assert error <= tolerance, f"onnxruntime vs PyTorch: relative L2 {error:.2e} > {tolerance:.0e}"
+    return error
+
+
+def _checked(export_dir) -> list:
+    models = [onnx.load(p) for p in sorted(export_dir.glob("*.onnx"))]
+    for model in models:
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.domain: o.version for o in model.opset_import}.get("", 0) >= onnx_export.OPSET
+    return models
+
+
+@pytest.mark.parametrize("model", ["wan", "cogvideox", "hunyuan"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_plugin_free_graph_matches_pytorch(artifact, model, preset):
+    path = artifact(model, preset)
+    exported = _export(path, use_plugins=False)
+    (graph,) = _checked(exported)
+    assert {n.domain for n in graph.graph.node} <= STANDARD_DOMAINS
+    _compare(path, exported, REL_L2)
+
+
+def test_plugin_free_graph_equals_pytorch_to_rounding_with_float_activations(artifact):
+    path = artifact("wan", "w8a16")
+    _compare(path, _export(path, use_plugins=False), REL_L2_FLOAT)
+
+
+def test_reference_model(artifact):
+    path = artifact("reference", "w4a8")
+    _compare(path, _export(path, use_plugins=False), REL_L2)
+
+
+def test_int4_weights_are_int4_initializers_read_by_blocked_dequantization(artifact):
+    path = artifact("wan", "w4a8")
+    (graph,) = _checked(_export(path, use_plugins=False))
+    initializers = {i.name: i for i in graph.graph.initializer}
+    dequantized = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    int4 = [n for n in dequantized if initializers[n.input[0]].data_type == onnx.TensorProto.INT4]
+    layers = qsc.load(path, backend="reference").manifest["layers"].values()
+    assert len(int4) == sum(layer["w_bits"] == 4 for layer in layers)
+    assert all(onnx.helper.get_attribute_value(a) == GROUP_SIZE["w4a8"]
+               for n in int4 for a in n.attribute if a.name == "block_size")
+    assert not [i for i in initializers.values() if i.data_type == onnx.TensorProto.UINT8]
+
+
+def _ssar_along_a_trajectory(path, export_dir, steps: int = 7) -> list[float]:
+    """Euler steps of the model: both runtimes refresh and correct on the same schedule; the
+    ONNX one threads the caches between its two ONNX programs."""
+    expected, exported = qsc.load(path, backend="reference").program, ort.load(export_dir)
+    inputs = _inputs(expected)
+    errors, sparse_steps = [], 0
+    with torch.no_grad():
+        for t in torch.linspace(900, 300, steps).round().long():
+            inputs["timestep"] = torch.full_like(inputs["timestep"], t)
+            reference = expected(**inputs)
+            errors.append(relative_l2(exported(**inputs), reference))
+            if not expected.schedule.refreshes(expected.step_index):
+                sparse_steps += 1
+                caches = exported.caches()
+                assert caches.keys() == expected.caches().keys()
+                assert any(c.abs().sum() > 0 for c in caches.values()), "the step ran without a correction"
+            inputs["hidden_states"] = inputs["hidden_states"] - 0.1 * reference
+    assert sparse_steps >= steps // 2 and exported.step_index == steps - 1
+    assert max(errors) <= REL_L2, errors
+    return errors
+
+
+def test_ssar_artifact_over_several_steps_with_caches_threaded(artifact):
+    path = artifact("wan", "w4a8-sparse")
+    exported = _export(path, use_plugins=False)
+    step, refresh = _checked(exported)  # program.onnx, refresh.onnx
+    cache_inputs = {i.name for i in step.graph.input if i.name.startswith("ssar_")}
+    residual_outputs = {o.name for o in refresh.graph.output} - {"output"}
+    assert residual_outputs and {f"{r}{s}" for r in residual_outputs for s in ("", "_u", "_v")} == cache_inputs
+    _ssar_along_a_trajectory(path, exported)
+
+
+def test_plugin_graph_binds_plugins_and_matches_pytorch(artifact):
+    path = artifact("wan", "w4a8")
+    exported = _export(path, use_plugins=True)
+    (graph,) = _checked(exported)
+    nodes = [n for n in graph.graph.node if n.domain == plugins.DOMAIN]
+    assert {n.op_type for n in nodes} == {"quantize_per_token", "quant_gemm", "weight_only_linear"}
+    for node in nodes:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["plugin_namespace"] == b"qsc" and attributes["aot"] == 1
+        assert len(node.input) == len(plugins.SIGNATURES[node.op_type].inputs)
+    assert not [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    _compare(path, exported, REL_L2)
+
+
+def test_plugin_graph_of_an_ssar_artifact_over_several_steps(artifact):
+    path = artifact("wan", "w4a8-sparse")
+    exported = _export(path, use_plugins=True)
+    step, refresh = _checked(exported)
+    assert "ssar_attention" in {n.op_type for n in step.graph.node}
+    assert "refresh_attention" in {n.op_type for n in refresh.graph.node}
+    _ssar_along_a_trajectory(path, exported)
+
+
+def test_cli_export_writes_the_same_bytes_as_the_api(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    path = artifact("wan", "w8a8")
+    out = tmp_path / "wan-onnx"
+    run = lambda: CliRunner().invoke(cli, ["export", str(path), "--no-plugins", "-o", str(out)])  # noqa: E731
+    assert run().exit_code == 0
+    for name in ("program.onnx", onnx_export.INDEX):  # deterministic: the same bytes from another run
+        assert (out / name).read_bytes() == (_export(path, use_plugins=False) / name).read_bytes(), name
+    refused = run()
+    assert refused.exit_code == 2 and "--force" in refused.output
+
+
+def test_tensorrt_format_says_what_is_missing(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from qsc.backends.tensorrt import engine
+
+    try:
+        engine.require_tensorrt()
+        pytest.skip("TensorRT and a GPU are here: the engine build is exercised on the GPU machine")
+    except qsc.errors.ConfigError:
+        pass
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(cli, ["export", str(artifact("wan", "w8a8")), "--format", "tensorrt", "-o", str(out)])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert "tensorrt" in result.output.lower() or "gpu" in result.output.lower()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("b, lq, lk, d, k, n", [(1, 128, 128, 32, 64, 96), (2, 200, 72, 16, 48, 32)])
+def test_plugin_shape_functions_agree_with_the_reference_ops(b, lq, lk, d, k, n):
+    from qsc.backends import reference
+    from qsc.quant import quantize_packed
+
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(b, lq, k, generator=g), torch.randn(n, generator=g)
+    qweight, w_scale = quantize_packed(torch.randn(n, k, generator=g), 4)
+    codes, scales = reference.quantize_activations(x, None, 8, 1.0)
+    q, kk, v = torch.randn(b, 2, lq, d, generator=g), torch.randn(b, 2, lk, d, generator=g), torch.randn(b, 2, lk, d)
+    layout = torch.rand(2, *reference.block_layout_shape(lq, lk), generator=g) < 0.5
+    r, u, w = torch.randn(b, 2, lq, d), torch.randn(b, 2, lq, 4), torch.randn(b, 2, 4, d)
+    cases = {
+        "quantize_per_token": ((x, torch.ones(k)), (codes, scales)),
+        "quant_gemm": ((codes, scales, qweight, w_scale, bias),
+                       (reference.quant_gemm(codes, scales, qweight, w_scale, bias, 4, 0, k, torch.float32),)),
+        "weight_only_linear": ((x, torch.ones(k), qweight, w_scale, bias),
+                               (reference.quant_linear(x, qweight, w_scale, bias, None, 4, 16, 0, k, 1.0),)),
+        "sparse_attention": ((q, kk, v, layout, layout), (reference.sparse_attention(q, kk, v, layout, None, None),)),
+        "ssar_attention": ((q, kk, v, layout, layout, r, u, w),
+                           (reference.sparse_attention(q, kk, v, layout, r, None, False, u, w),)),
+        "refresh_attention": ((q, kk, v, layout, layout), reference.refresh_attention(q, kk, v, layout, None)),
+    }
+    assert cases.keys() == plugins.SIGNATURES.keys()
+    for name, (inputs, outputs) in cases.items():
+        specs = plugins.output_specs(name, [tuple(t.shape) for t in inputs])
+        dtype = lambda kind: getattr(torch, kind) if isinstance(kind, str) else inputs[kind].dtype  # noqa: E731
+        assert [(dtype(kind), shape) for kind, shape in specs] == [(o.dtype, tuple(o.shape)) for o in outputs], name
