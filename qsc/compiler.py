@@ -54,6 +54,7 @@ class CompileResult:
     metrics: dict[str, float]  # the compressed program vs FP on the first calibration sample (SSAR: uncorrected)
     seconds: float = 0.0
     refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
+    calibration: dict[str, Any] | None = None  # the samples select_calibration chose, where it ran
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {dim: name} left symbolic
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -70,6 +71,8 @@ def compile(
     config: CompileConfig | Mapping[str, Any] | str | Path | None = None,
     dump_ir: str | Path | None = None,
     progress: Progress = no_progress,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     **load_options: Any,
 ) -> CompileResult:
     """Compress ``model`` (a module, a path understood by ``qsc.frontend.load_model``, or None
@@ -79,6 +82,8 @@ def compile(
     file. ``calibration`` is a ``CalibrationSet`` or its file; without one, the bundled model is
     calibrated on its sampler's trajectories and known architectures on synthetic inputs.
     ``load_options`` go to ``load_model`` (``arch``, ``model_config``, ``trust_pickle``).
+    Long passes (``learn_scales``) checkpoint into ``checkpoint_dir`` after each block; with
+    ``resume``, they continue from its checkpoints (the same artifact as an uninterrupted run).
     """
     start = time.perf_counter()
     cfg = _resolve(preset, config)
@@ -86,7 +91,8 @@ def compile(
     teacher, calib, fp_out = _trace(source, _calibration(calibration, source, cfg))
     sample = calib.sample(0)
 
-    ctx = PassContext(cfg, calib, teacher, progress=progress)
+    ctx = PassContext(cfg, calib, teacher, progress=progress,
+                      checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume)
     instruments = [Timing()]
     if dump_ir is not None:
         instruments.append(DumpIR(dump_ir))
@@ -119,6 +125,7 @@ def compile(
         sizes=_sizes(teacher, module),
         metrics=output_metrics(out, fp_out),
         seconds=time.perf_counter() - start,
+        calibration=ctx.analyses.get("calibration_records"),
     )
 
 

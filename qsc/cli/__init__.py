@@ -7,11 +7,11 @@ non-zero exit status (2 for bad input or configuration, 3 for a failing pass).
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import click
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress, TextColumn
 
 from qsc.errors import QscError
 
@@ -19,9 +19,17 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
-def progress_bar(items: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
-    """The ``Progress`` that CLI commands hand to the compiler: a transient bar on stderr."""
-    return track(items, description=description, total=total, console=stderr, transient=True)
+def progress_bar(
+    items: Iterable[Any], description: str, total: int | None = None, status: Callable[[], str] | None = None
+) -> Iterable[Any]:
+    """The ``Progress`` that CLI commands hand to the compiler: a transient bar on stderr, with
+    the pass's ``status`` (a running loss) after it."""
+    columns = [*Progress.get_default_columns(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total, status="")
+        for item in items:
+            yield item
+            bar.update(task, advance=1, status=status() if status else "")
 
 
 class QscGroup(click.Group):

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import click
 
-from qsc.config import PRESETS, BACKENDS, parse_overrides, resolve_config
+from qsc.config import BACKENDS, FAST, PRESETS, parse_overrides, resolve_config
 
 from . import progress_bar, stderr, stdout
 
 
 def _default_output(model: str | None) -> Path:
     return Path(f"{Path(model).stem if model else 'reference'}.qsc")
+
+
+def checkpoint_dir(output: Path) -> Path:
+    """Where a compile into ``output`` keeps the checkpoints that ``--resume`` continues from."""
+    return output.with_name(output.name + ".ckpt")
 
 
 @click.command("compile")
@@ -37,20 +44,28 @@ def _default_output(model: str | None) -> Path:
               help="config.json for --arch")
 @click.option("--trust-pickle", is_flag=True,
               help="allow loading a pickled nn.Module (runs code from the file: only for files you trust)")
+@click.option("--fast", is_flag=True,
+              help=f"a quick compile with the same passes ({', '.join(f'{k}={v}' for k, v in FAST.items())}; -s overrides it)")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted compile from its last checkpoint (OUT.ckpt/): the same artifact "
+                   "as an uninterrupted run")
 @click.option("-f", "--force", is_flag=True, help="replace the output directory if it exists")
 @click.option("-v", "--verbose", is_flag=True, help="also list every quantized layer")
 def compile_command(model, preset, config_file, overrides, backend, output, calib, dump_ir, seed,
-                    arch, model_config, trust_pickle, force, verbose):
+                    arch, model_config, trust_pickle, fast, resume, force, verbose):
     """Compress MODEL into an artifact directory.
 
     MODEL is a torch.export program (.pt2), a diffusers model or pipeline directory, a
     .safetensors state dict (with --arch and --model-config), or a pickled module (.pt, with
     --trust-pickle). Without MODEL, the bundled reference model is compiled.
+
+    Scale learning (presets w4a6-s2q, w4a8-s2q, w4a8-sparse) checkpoints after every block into
+    OUT.ckpt/; after Ctrl-C or a crash, the same command with --resume continues from there.
     """
     import qsc
     from qsc.report import attention_table, layer_table, pass_table, summary_table
 
-    settings = parse_overrides(list(overrides))
+    settings = {**(FAST if fast else {}), **parse_overrides(list(overrides))}
     if backend is not None:
         settings["backend"] = backend
     if seed is not None:
@@ -60,12 +75,22 @@ def compile_command(model, preset, config_file, overrides, backend, output, cali
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to replace it")
 
-    with stderr.status(f"compiling {model or 'the bundled reference model'} ({config.preset})"):
-        result = qsc.compile(
-            model, calib, config=config, dump_ir=dump_ir, progress=progress_bar,
-            arch=arch, model_config=model_config, trust_pickle=trust_pickle,
-        )
-        result.save(output, overwrite=force)
+    checkpoints = checkpoint_dir(output)
+    if resume and not checkpoints.is_dir():
+        stderr.print(f"nothing to resume in {checkpoints}: compiling from the start")
+    try:
+        with stderr.status(f"compiling {model or 'the bundled reference model'} ({config.preset})"):
+            result = qsc.compile(
+                model, calib, config=config, dump_ir=dump_ir, progress=progress_bar,
+                checkpoint_dir=checkpoints, resume=resume,
+                arch=arch, model_config=model_config, trust_pickle=trust_pickle,
+            )
+            result.save(output, overwrite=force)
+    except KeyboardInterrupt:
+        kept = f"the finished blocks are checkpointed in {checkpoints}; " if checkpoints.is_dir() else ""
+        stderr.print(f"interrupted: {kept}the same command with --resume continues", highlight=False)
+        sys.exit(130)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     stdout.print(pass_table(result.pass_log))
     if verbose:
         stdout.print(layer_table(result.layers))
