@@ -6,7 +6,8 @@ step of a recorded trajectory, one branch of guidance) is a candidate, scored by
 * diffusion saliency ``C_diff = ||x_t - x_{t-1}||^2 / ||x_t||^2``: how much the sampler moves the
   latent at that step. ``x_{t-1}`` is the ``hidden_states`` of the next step of the same
   trajectory (same prompt, seed and branch); at a trajectory's last step, where no next step was
-  recorded, one Euler step to noise level 0 with the recorded FP output, ``x_t - t * v``;
+  recorded, one Euler step to noise level 0 with the recorded FP output, ``x_t - t * v``, where
+  the record has the noise level ``t`` (the bundled sampler's records; else the step counts 0);
 * quantization saliency ``C_quant``: the second-order Taylor view of a layer's output error puts
   its Hessian at ``2 X^T X`` for the layer's input ``X``; qsc takes ``||X^T X||_F`` of the input of
   every linear that gets quantized activations, divides it by that layer's largest value over the
@@ -36,8 +37,10 @@ from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import FLOAT_ACTIVATIONS, SchemePlan
 
 LATENT = "hidden_states"  # the diffusers name of the latent a denoiser call takes
-TRAJECTORY_KEYS = ("prompt", "seed", "cfg")  # what tells one recorded trajectory from another
-RECORD_KEYS = ("prompt", "step", "cfg")  # what the log says of a chosen sample
+# What tells one recorded trajectory from another: the bundled sampler labels the guidance branch
+# ``cfg``, ``qsc.record`` labels it ``branch`` and numbers the videos of one call by ``batch_index``.
+TRAJECTORY_KEYS = ("prompt", "seed", "cfg", "branch", "batch_index")
+RECORD_KEYS = ("prompt", "step", "cfg", "branch")  # what the log says of a chosen sample
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -143,5 +146,6 @@ def _summary(records: list[dict[str, Any]]) -> str:
     """``prompt: steps`` per prompt, the form a log line can show."""
     steps = defaultdict(list)
     for r in records:
-        steps[r.get("prompt", "?")].append(f"{r.get('step', '?')}{'u' if r.get('cfg') == 'uncond' else ''}")
+        unconditional = "uncond" in (r.get("cfg"), r.get("branch"))
+        steps[r.get("prompt", "?")].append(f"{r.get('step', '?')}{'u' if unconditional else ''}")
     return "; ".join(f"{prompt}: {' '.join(map(str, s))}" for prompt, s in steps.items())
