@@ -113,12 +113,17 @@ def adapt_config(config: triton.Config, w_bits: int, group_size: int, a_int8: bo
     return _tuning.with_meta(config, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP_AB=swap_ab)
 
 
-def _prune(configs, named_args, **kwargs):
-    chosen = _tuning.device_configs(HOPPER_CONFIGS, FALLBACK_CONFIGS)
-    w_bits = 4 if kwargs["INT4_PACKED"] else 8
-    adapted = [adapt_config(c, w_bits, kwargs["GROUP_SIZE"], kwargs["A_INT8"]) for c in chosen]
+def fitted_configs(configs: list[triton.Config], w_bits: int, group_size: int, a_int8: bool) -> list[triton.Config]:
+    """``configs`` fitted to a specialization (``adapt_config``), without repeats: the list the
+    autotuner tries (and TensorRT's plugin tactics)."""
+    adapted = [adapt_config(c, w_bits, group_size, a_int8) for c in configs]
     unique = {str(c): c for c in adapted}  # adapting can make two configs equal
     return list(unique.values())
+
+
+def _prune(configs, named_args, **kwargs):
+    chosen = _tuning.device_configs(HOPPER_CONFIGS, FALLBACK_CONFIGS)
+    return fitted_configs(chosen, 4 if kwargs["INT4_PACKED"] else 8, kwargs["GROUP_SIZE"], kwargs["A_INT8"])
 
 
 @triton.jit

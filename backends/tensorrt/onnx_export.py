@@ -46,10 +46,18 @@ def default_output(artifact: str | Path, *, use_plugins: bool) -> Path:
 def export_artifact(artifact: str | Path, output: str | Path | None = None, *, use_plugins: bool = True,
                     overwrite: bool = False) -> Path:
     """Write the ONNX form of ``artifact`` (a ``NAME.qsc`` directory) to the directory ``output``."""
+    output = Path(output) if output is not None else default_output(artifact, use_plugins=use_plugins)
+    models, index = export_models(artifact, use_plugins=use_plugins)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        write(tmp, models, index)
+    return output
+
+
+def export_models(artifact: str | Path, *, use_plugins: bool) -> tuple[dict[str, ir.Model], dict[str, Any]]:
+    """The ONNX models of ``artifact``'s programs by file name, and the index that describes them."""
     import qsc
 
     module = qsc.load(artifact, backend="reference")
-    output = Path(output) if output is not None else default_output(artifact, use_plugins=use_plugins)
     programs = _programs(module.program)
     table = translations(plugins if use_plugins else standard)
     models = {name: to_onnx(gm, table) for name, gm in programs.items()}
@@ -63,11 +71,14 @@ def export_artifact(artifact: str | Path, output: str | Path | None = None, *, u
         "ssar": {k: config[k] for k in ("ssar_tau", "ssar_rank", "dense_steps", "ssar_extrapolation")}
         if REFRESH in models else None,
     }
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        for name, model in models.items():
-            _save(model, tmp / name)
-        (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return output
+    return models, index
+
+
+def write(directory: Path, models: dict[str, ir.Model], index: dict[str, Any]) -> None:
+    """The models and ``onnx.json`` into the existing directory ``directory``."""
+    for name, model in models.items():
+        _save(model, directory / name)
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # The ``qsc::`` ops a compressed program holds, each translated by the function of the same name.
