@@ -5,7 +5,9 @@ calibration samples measure how much softmax probability each tile carries (``Ti
 attention of up to ``ROWS_PER_TILE`` evenly spaced query rows of each query tile, summed per key
 tile, averaged over rows and samples). Each query tile then keeps its heaviest key tiles, the same
 number for every query tile (``round(density * key_tiles)``, at least one), so the computed
-fraction of tiles is the density and every query tile costs the same in the kernel.
+fraction of tiles is the density and every query tile costs the same in the kernel. Where few key
+tiles make that fraction far from the density asked (0.15 of 16 tiles keeps 2: 0.125), the compile
+warns with the figure achieved.
 
 A video DiT's heads are local in space (a band around the diagonal in frame-major token order) or
 in time (the same position across frames: bands one frame apart); the measured mass finds either
@@ -20,12 +22,13 @@ per layer, the layout's shape and its density.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import fx
 
 from qsc.backends.reference import SPARSE_BLOCK_M, SPARSE_BLOCK_N
-from qsc.errors import CalibrationError
+from qsc.errors import CalibrationError, ConfigError
 from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, attention_sites, finalize, register_buffer
 from qsc.pipeline import Pass, PassContext, PassResult
 
@@ -33,6 +36,12 @@ ROWS_PER_TILE = 32  # query rows of a tile whose attention is measured: enough t
 SPARSE_ATTENTION = torch.ops.qsc.sparse_attention.default
 LAYER_META = "qsc_attention_layer"  # node meta of each block-sparse attention: its layer path
 TILES_PER_CHUNK = 16  # query tiles measured at once: bounds the probabilities held to 512 rows x L
+DENSITY_TOLERANCE = 0.1  # relative: an achieved density this close to the request goes unremarked
+
+
+def kept_tiles(density: float, key_tiles: int) -> int:
+    """Key tiles each query tile keeps at ``density``: a whole number, at least one."""
+    return max(1, round(density * key_tiles))
 
 
 class TileMass:
@@ -62,7 +71,7 @@ class TileMass:
     def layout(self, density: float) -> torch.Tensor:
         """Bool ``[H, tiles_m, tiles_n]``: each query tile's ``round(density * tiles_n)`` heaviest key tiles."""
         mass = self.total / self.calls
-        keep = max(1, round(density * mass.shape[-1]))
+        keep = kept_tiles(density, mass.shape[-1])
         # Ties (equal mass) break by tile index, so the layout is the same on every run.
         chosen = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :keep]
         return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True)  # on the model's device
@@ -99,6 +108,8 @@ class SparsifyAttention(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         keep_dense = LayerFilter(ctx.config.dense_attention, ())
         sites = [s for s in attention_sites(gm) if not keep_dense(s.layer)]
+        for site in sites:
+            _check_fixed_length(site)
         masses = {s.node: TileMass() for s in sites}
         samples = ctx.calibration_samples()
         with torch.no_grad():
@@ -113,8 +124,33 @@ class SparsifyAttention(Pass):
                 layout = mass.layout(ctx.config.density)
                 _replace(gm, site, layout)
                 layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item()}
+        _warn_if_rounded(ctx.config.density, {layout["tiles"][-1] for layout in layouts.values()})
         ctx.analyses["attention_layouts"] = layouts
         return PassResult(finalize(gm), modified=bool(layouts))
+
+
+def _check_fixed_length(site: AttentionSite) -> None:
+    """A layout is measured for one sequence length; Mochi's joint attention, which keeps each
+    sample's unmasked text tokens (``nonzero``), has a length only the inputs' values decide."""
+    length = site.node.args[0].meta["val"].shape[-2]
+    if not isinstance(length, int):
+        raise ConfigError(
+            f"sparsify_attention: attention layer '{site.layer}' attends over {length} tokens, a number the "
+            f"inputs' values decide (tokens selected by a mask): a block-sparse layout needs a fixed length; "
+            f"list the layer in dense_attention or use a preset without sparse attention (w4a8)"
+        )
+
+
+def _warn_if_rounded(density: float, key_tiles: set[int]) -> None:
+    """One warning per compile for the tile counts whose whole number of kept tiles misses ``density``."""
+    missed = {
+        n: kept_tiles(density, n) / n for n in sorted(key_tiles)
+        if abs(kept_tiles(density, n) / n - density) > DENSITY_TOLERANCE * density
+    }
+    if missed:
+        achieved = ", ".join(f"{d:.3g} achieved on {n} key tiles" for n, d in missed.items())
+        warnings.warn(f"density {density:g} asked, {achieved} (each query tile keeps whole "
+                      f"{SPARSE_BLOCK_N}-key tiles)", stacklevel=2)
 
 
 def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> None:

@@ -65,6 +65,7 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
             "sizes": result.sizes,
             "metrics": result.metrics,
             "calibration": result.calibration,
+            "constants": result.constants,
             "files": {name: _sha256(tmp / name) for name in (*programs, WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -7,7 +7,9 @@ On disk a calibration set is one safetensors file:
 * ``output`` (optional): the FP transformer's output for every sample, ``[S, *shape]``;
 * metadata ``qsc_format = "calibration/1"``, ``inputs``: the input names in forward order (JSON), and
   ``records``: a JSON list with one object per sample
-  (prompt, step index, timestep, seed: whatever the recorder knows), used by data selection passes.
+  (prompt, step index, timestep, seed: whatever the recorder knows), used by data selection passes;
+  ``constants`` (optional): the non-tensor arguments every call passes, JSON (LTX-Video's
+  ``num_frames``, ``height``, ``width``): the program is compiled for these values.
 
 All samples share one shape per input, so one sample is exactly one forward call of the model.
 """
@@ -30,11 +32,13 @@ FORMAT = "calibration/1"
 
 @dataclass
 class CalibrationSet:
-    """``inputs[name][i]`` is input ``name`` of sample ``i``; ``outputs[i]`` its FP output."""
+    """``inputs[name][i]`` is input ``name`` of sample ``i``; ``outputs[i]`` its FP output;
+    ``constants[name]`` a non-tensor argument, the same in every call."""
 
     inputs: dict[str, torch.Tensor]
     outputs: torch.Tensor | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    constants: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -55,6 +59,7 @@ class CalibrationSet:
         samples: Sequence[Mapping[str, torch.Tensor]],
         outputs: Sequence[torch.Tensor] | None = None,
         records: Sequence[dict[str, Any]] | None = None,
+        constants: Mapping[str, Any] | None = None,
     ) -> "CalibrationSet":
         """Stack per-sample dicts (one forward's kwargs each) into a set."""
         if not samples:
@@ -68,7 +73,7 @@ class CalibrationSet:
             out = torch.stack(list(outputs)) if outputs is not None else None
         except RuntimeError as e:
             raise CalibrationError(f"calibration samples differ in shape: {e}") from None
-        return cls(inputs, out, list(records) if records else [])
+        return cls(inputs, out, list(records) if records else [], dict(constants or {}))
 
     def __len__(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
@@ -97,6 +102,7 @@ class CalibrationSet:
             {n: t[idx] for n, t in self.inputs.items()},
             self.outputs[idx] if self.outputs is not None else None,
             [self.records[i] for i in idx.tolist()],
+            self.constants,
         )
 
     def validate(self, source: str = "calibration data") -> "CalibrationSet":
@@ -125,6 +131,7 @@ class CalibrationSet:
             "qsc_format": FORMAT,
             "inputs": json.dumps(self.input_names),  # safetensors sorts keys; forward order matters
             "records": json.dumps(self.records, sort_keys=True),
+            "constants": json.dumps(self.constants, sort_keys=True),
         }
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -151,6 +158,16 @@ class CalibrationSet:
         order = json.loads(meta.get("inputs", "[]"))
         if sorted(order) == sorted(inputs):
             inputs = {name: inputs[name] for name in order}
-        return cls(inputs, tensors.get("output"), json.loads(meta.get("records", "[]"))).validate(
+        constants = constants_from_json(json.loads(meta.get("constants", "{}")))
+        return cls(inputs, tensors.get("output"), json.loads(meta.get("records", "[]")), constants).validate(
             str(path)
         )
+
+
+def constants_from_json(constants: Mapping[str, Any]) -> dict[str, Any]:
+    """Constants as the model is called with them: JSON has no tuples (LTX-Video's
+    ``rope_interpolation_scale`` is one), so its lists become tuples again."""
+    def value(v: Any) -> Any:
+        return tuple(value(x) for x in v) if isinstance(v, list) else v
+
+    return {name: value(v) for name, v in constants.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ from .errors import ExportError, InputError
 from .frontend import (
     DenoiserAdapter,
     ModelSource,
+    ProgramAdapter,
     cast_inputs,
     check_inputs_fit,
     export_program,
@@ -26,6 +28,8 @@ from .frontend import (
     load_model,
     match_program_inputs,
     model_dtype,
+    program_example,
+    program_teacher,
 )
 from .graph import deepcopy, state_inputs
 from .shapes import graph_dynamic_dims, named_dims
@@ -56,6 +60,7 @@ class CompileResult:
     refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
     calibration: dict[str, Any] | None = None  # the samples select_calibration chose, where it ran
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {dim: name} left symbolic
+    constants: dict[str, Any] = field(default_factory=dict)  # non-tensor arguments compiled in (qsc.calibration)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         from .artifact import save_artifact
@@ -126,6 +131,7 @@ def compile(
         metrics=output_metrics(out, fp_out),
         seconds=time.perf_counter() - start,
         calibration=ctx.analyses.get("calibration_records"),
+        constants=calib.constants,
     )
 
 
@@ -133,12 +139,17 @@ def _trace(source: ModelSource, calib: CalibrationSet) -> tuple[fx.GraphModule, 
     """The FP graph, the calibration set in the model's dtype and input order, and the FP output
     of its first sample (running the model once first turns a shape mismatch into a clear error)."""
     if source.program is not None:
-        teacher = source.program.module()
-        inputs = cast_inputs(match_program_inputs(source.program, calib.inputs), model_dtype(teacher))
+        if calib.constants:
+            raise InputError(f"the calibration data sets {list(calib.constants)}, which a .pt2 program fixed "
+                             f"when it was exported: compile the model itself, or drop them")
+        adapter = ProgramAdapter(source.program)
+        inputs = cast_inputs(match_program_inputs(source.program, calib.inputs), model_dtype(adapter))
         calib = CalibrationSet(inputs, calib.outputs, calib.records)
-        return teacher, calib, check_inputs_fit(teacher, calib.sample(0))
-    adapter = DenoiserAdapter(source.module).eval()
-    calib = CalibrationSet(cast_inputs(calib.inputs, model_dtype(adapter)), calib.outputs, calib.records)
+        fp_out = check_inputs_fit(adapter, calib.sample(0))
+        return program_teacher(adapter, source.program, calib.sample(0)), calib, fp_out
+    adapter = DenoiserAdapter(source.module, calib.constants).eval()
+    inputs = cast_inputs(calib.inputs, model_dtype(adapter))
+    calib = CalibrationSet(inputs, calib.outputs, calib.records, calib.constants)
     fp_out = check_inputs_fit(adapter, calib.sample(0))
     return export_teacher(adapter, calib.sample(0)), calib, fp_out
 
@@ -178,10 +189,13 @@ def _calibration(calibration: Any, source: ModelSource, cfg: CompileConfig) -> C
 
         return reference_calibration(num_prompts=BUNDLED_CALIBRATION_PROMPTS, seed=cfg.seed)
     if source.program is not None:
-        example = source.program.example_inputs
-        if example is None or example[0]:
-            raise InputError("a .pt2 program needs calibration data (--calib) with its keyword inputs")
-        return CalibrationSet.from_samples([example[1]])
+        example = program_example(source.program)
+        if example is None:
+            raise InputError("the .pt2 program was saved without example inputs: pass calibration data (--calib)")
+        warnings.warn("no calibration data: calibrating on the .pt2 program's example inputs, one call; "
+                      "--calib with calls recorded from the pipeline (qsc record) calibrates for what it runs",
+                      stacklevel=3)
+        return CalibrationSet.from_samples([example])
     return synthetic_calibration(source.module, cfg.calib_samples, cfg.seed)
 
 

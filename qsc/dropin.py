@@ -65,13 +65,14 @@ class DropInTransformer(torch.nn.Module):
                 "attention_kwargs cannot change a compiled artifact (LoRA scales are compiled in): "
                 "call it with attention_kwargs=None"
             )
-        unused = [n for n, v in arguments.items() if v is not None and n not in self.compressed.inputs.specs]
+        takes = {**self.compressed.inputs.specs, **self.compressed.inputs.constants}
+        unused = [n for n, v in arguments.items() if v is not None and n not in takes]
         if unused:
             raise InputError(
                 f"{self._like_class} was called with {unused}, which the artifact was not compiled with: "
                 f"record calibration data from this pipeline (qsc record) and compile again"
             )
-        inputs = {n: v for n, v in arguments.items() if n in self.compressed.inputs.specs}
+        inputs = {n: v for n, v in arguments.items() if n in takes}
         like = inputs.get("hidden_states")
         out = self.compressed(**{n: self._cast(n, v) for n, v in inputs.items()})
         if isinstance(like, torch.Tensor):
@@ -85,7 +86,7 @@ class DropInTransformer(torch.nn.Module):
     def _cast(self, name: str, value: Any) -> Any:
         """Floating tensors to the artifact's float dtype (a bf16 pipeline on an fp32 artifact);
         anything else is checked, not converted, by the artifact."""
-        want = self.compressed.inputs.specs[name].dtype
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and want.is_floating_point:
-            return value.to(want)
-        return value
+        spec = self.compressed.inputs.specs.get(name)  # None: a constant, checked by the artifact
+        if spec is None or not isinstance(value, torch.Tensor):
+            return value
+        return value.to(spec.dtype) if value.is_floating_point() and spec.dtype.is_floating_point else value

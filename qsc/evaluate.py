@@ -8,9 +8,18 @@ from typing import Any
 import torch
 
 from .artifact import load, read_manifest
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, constants_from_json
 from .compiler import output_metrics
-from .frontend import DenoiserAdapter, ModelSource, cast_inputs, load_model, model_dtype, reload_model
+from .frontend import (
+    DenoiserAdapter,
+    ModelSource,
+    ProgramAdapter,
+    cast_inputs,
+    load_model,
+    match_program_inputs,
+    model_dtype,
+    reload_model,
+)
 from .models import synthetic_calibration
 from .runtime import SSARRuntime
 
@@ -37,8 +46,10 @@ def evaluate(
     manifest = read_manifest(artifact)
     compressed = load(artifact)
     source = load_model(model, trust_pickle=trust_pickle) if model else reload_model(manifest["source"], trust_pickle=trust_pickle)
-    fp = _fp_callable(source)
+    fp = _fp_callable(source, manifest.get("constants"))
     held_out, is_trajectory = _held_out(data, source, samples, manifest["config"]["seed"] + HELD_OUT_SEED_OFFSET)
+    if source.program is not None:  # named as the program names its inputs, as the artifact's are
+        held_out = CalibrationSet(match_program_inputs(source.program, held_out.inputs), held_out.outputs)
     picks = held_out.spread(samples)
     runtime = compressed.program if isinstance(compressed.program, SSARRuntime) else None
     along_trajectory = runtime is not None and is_trajectory
@@ -56,8 +67,11 @@ def evaluate(
     return rows
 
 
-def _fp_callable(source: ModelSource) -> torch.nn.Module:
-    return source.program.module() if source.program is not None else DenoiserAdapter(source.module).eval()
+def _fp_callable(source: ModelSource, constants: dict[str, Any] | None) -> torch.nn.Module:
+    """The FP model called as the artifact is: keyword tensors, the compiled constants bound."""
+    if source.program is not None:
+        return ProgramAdapter(source.program)
+    return DenoiserAdapter(source.module, constants_from_json(constants or {})).eval()
 
 
 def _held_out(data: Any, source: ModelSource, samples: int, seed: int) -> tuple[CalibrationSet, bool]:

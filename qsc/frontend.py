@@ -21,14 +21,14 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import fx
 
 from .errors import ExportError, InputError
 from .models import architecture_class
-from .shapes import DynamicDims, batch_dims, batched_example, export_dynamic_shapes
+from .shapes import DynamicDims, batch_dims, batched_example, export_dynamic_shapes, graph_dynamic_dims
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 
@@ -84,18 +84,64 @@ def _load_program(path: Path) -> ModelSource:
     return ModelSource({"kind": "pt2", "path": str(path.resolve())}, program=program)
 
 
+def program_input_names(program: torch.export.ExportedProgram) -> list[str]:
+    """The names of ``program``'s inputs in call order: its positional parameters' names (as the
+    exported forward declared them), then its keyword inputs."""
+    spec = program.call_spec.in_spec  # a TreeSpec of (args, kwargs)
+    args_spec, kwargs_spec = spec.child(0), spec.child(1)
+    if args_spec.num_leaves + kwargs_spec.num_leaves != len(program.graph_signature.user_inputs):
+        raise InputError(
+            "the .pt2 program takes non-tensor inputs (Python numbers or strings fixed at export): "
+            "export it again with tensor inputs only"
+        )
+    return [*program.graph_signature.user_inputs[: args_spec.num_leaves], *kwargs_spec.context]
+
+
 def match_program_inputs(
     program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``inputs`` in the keyword order ``program`` was exported with (its guards check by position)."""
-    spec = program.call_spec.in_spec  # a TreeSpec of (args, kwargs)
-    args_spec, kwargs_spec = (spec.child(0), spec.child(1)) if spec is not None else (None, None)
-    names = list(kwargs_spec.context) if kwargs_spec is not None else []
-    if spec is None or args_spec.num_children or set(names) != set(inputs):
-        raise InputError(
-            f"the program takes keyword inputs {names}, the calibration data has {list(inputs)}"
-        )
-    return {name: inputs[name] for name in names}
+    """``inputs`` under ``program``'s input names, in its call order: by name where the names are
+    the same, else by position (a calibration file keeps the forward's order), with a warning."""
+    names = program_input_names(program)
+    if set(names) == set(inputs):
+        return {name: inputs[name] for name in names}
+    if len(names) != len(inputs):
+        raise InputError(f"the program takes inputs {names}, the calibration data has {list(inputs)}")
+    warnings.warn(f"calibration inputs {list(inputs)} matched by position to the program's inputs {names}",
+                  stacklevel=2)
+    return dict(zip(names, inputs.values()))
+
+
+def program_example(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor] | None:
+    """The example inputs saved with ``program``, under its input names; None if it has none."""
+    if program.example_inputs is None:
+        return None
+    args, kwargs = program.example_inputs
+    return dict(zip(program_input_names(program), [*args, *kwargs.values()]))
+
+
+class ProgramAdapter(torch.nn.Module):
+    """An exported program called with keyword inputs, however it was exported: its positional
+    inputs are passed by position, in the order ``program_input_names`` gives them names."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        super().__init__()
+        self.model = program.module()  # attribute ``model``, as DenoiserAdapter's: the same layer paths
+        self._positional = program_input_names(program)[: program.call_spec.in_spec.child(0).num_leaves]
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        args = [inputs.pop(name) for name in self._positional]
+        out = self.model(*args, **inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def program_teacher(adapter: ProgramAdapter, program: torch.export.ExportedProgram,
+                    sample: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The FP graph of a .pt2 program, as a keyword program. Its shapes stay those it was exported
+    with: a program exported for fixed shapes has no batch to open (and says so in its guards)."""
+    if graph_dynamic_dims(program.graph_module):
+        return export_teacher(adapter, sample)
+    return export_graph(adapter, sample)
 
 
 def _load_diffusers_dir(path: Path) -> ModelSource:
@@ -187,17 +233,37 @@ class DenoiserAdapter(torch.nn.Module):
 
     diffusers transformers return a dataclass or a tuple unless asked otherwise; graphs and
     artifacts are simpler with one tensor out. The wrapped model sits at attribute ``model``,
-    which is why parameter targets in the graph start with ``model.``.
+    which is why parameter targets in the graph start with ``model.``. ``constants`` are the
+    non-tensor arguments every call passes (LTX-Video's ``num_frames``, ``height``, ``width``):
+    the export specializes the program to them.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, constants: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
+        self.constants = dict(constants or {})
         self._return_dict_arg = "return_dict" in inspect.signature(model.forward).parameters
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        inputs = {**inputs, **self.constants}
         out = self.model(**inputs, return_dict=False) if self._return_dict_arg else self.model(**inputs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def unset_arguments(self, given: Iterable[str]) -> list[str]:
+        """The model's forward parameters typed as something other than a tensor (options aside)
+        that neither ``given`` nor the constants set."""
+        return [
+            p.name for p in inspect.signature(self.model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.annotation is not p.empty
+            and "Tensor" not in str(p.annotation) and not is_option(p.name)
+            and p.name not in given and p.name not in self.constants
+        ]
+
+
+def is_option(argument: str) -> bool:
+    """Forward arguments that choose how a model answers, not what it computes: a compiled
+    artifact has one answer (``qsc.dropin`` serves these)."""
+    return argument == "return_dict" or argument.endswith("kwargs")
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -216,9 +282,19 @@ def check_inputs_fit(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -
             return module(**sample)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in sample.items())
+        unset = module.unset_arguments(sample) if isinstance(module, DenoiserAdapter) else []
+        hint = (
+            f"; the model also takes {', '.join(unset)}, which are not tensors and which the calibration "
+            f"data does not set: record it from the pipeline (qsc record), or give them as "
+            f"CalibrationSet(..., constants={{...}})" if unset else ""
+        )
         raise InputError(
-            f"the calibration inputs do not fit the model ({shapes}): {type(e).__name__}: {e}"
+            f"the calibration inputs do not fit the model ({shapes}): {type(e).__name__}: {_first_line(e)}{hint}"
         ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 _EXPORT_HINTS = (
@@ -262,7 +338,7 @@ def export_program(
         with torch.no_grad():
             return torch.export.export(module, (), sample, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
-        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        message = f"{type(e).__name__}: {_first_line(e)}"
         frame = _innermost_model_frame(e)
         hint = next((h for key, h in _EXPORT_HINTS if key in f"{type(e).__name__} {e}"), None)
         raise ExportError(

@@ -15,6 +15,9 @@ serves batched calls again). Every sample is labelled in its record: ``prompt`` 
 before belong to the same step), ``branch`` (``cond`` / ``uncond`` of classifier-free guidance,
 from the pipeline's ``cache_context``: ``cond_uncond`` calls stack the unconditional half first,
 as diffusers' pipelines do, when the pipeline says it guides), ``batch_index``, ``timestep`` and ``call``.
+
+Non-tensor arguments (LTX-Video's ``num_frames``, ``height``, ``width``) become the set's
+``constants``: they must be the same in every call, since the program is compiled for them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from .calibration import CalibrationSet
 from .errors import CalibrationError, InputError
+from .frontend import is_option
 
 STACKED_BRANCHES = "cond_uncond"  # the cache_context of calls that stack both branches of guidance
 
@@ -43,6 +47,7 @@ class PipelineRecorder:
         self._samples: list[dict[str, torch.Tensor]] = []
         self._outputs: list[torch.Tensor] = []
         self._records: list[dict[str, Any]] = []
+        self._constants: dict[str, Any] = {}
         self._pending: list[dict[str, torch.Tensor]] = []
         self._handles: list[Any] = []
         self._labels: dict[str, Any] = {}  # set by ``begin``: what the current pipeline run is
@@ -88,6 +93,21 @@ class PipelineRecorder:
             raise CalibrationError(f"{type(module).__name__} was called without a hidden_states tensor")
         batch = tensors["hidden_states"].shape[0]
         self._pending = [_batch_item(tensors, batch, b) for b in range(batch)]
+        for name, value in bound.items():
+            if not isinstance(value, torch.Tensor) and value is not None and not is_option(name):
+                self._record_constant(type(module).__name__, name, value)
+
+    def _record_constant(self, model: str, name: str, value: Any) -> None:
+        if not _is_constant(value):
+            raise CalibrationError(
+                f"{model} was called with argument '{name}' of type {type(value).__name__}: qsc compiles "
+                f"tensor arguments and numbers, strings or tuples of them"
+            )
+        if self._constants.setdefault(name, value) != value:
+            raise CalibrationError(
+                f"{model}'s argument '{name}' changed between calls ({self._constants[name]!r}, then {value!r}): "
+                f"an artifact is compiled for one value; record calls of one resolution"
+            )
 
     def _after(self, module, args, kwargs, output) -> None:
         output = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
@@ -117,7 +137,14 @@ class PipelineRecorder:
     def calibration(self) -> CalibrationSet:
         if not self._samples:
             raise CalibrationError("the recorder saw no forward call of the hooked module")
-        return CalibrationSet.from_samples(self._samples, self._outputs, self._records).validate()
+        return CalibrationSet.from_samples(self._samples, self._outputs, self._records, self._constants).validate()
+
+
+def _is_constant(value: Any) -> bool:
+    """A value a calibration file keeps (JSON): a number, a string, or a tuple/list of them."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_constant(v) for v in value)
+    return isinstance(value, (bool, int, float, str))
 
 
 def _branch(context: str | None, index: int, batch: int, guided: bool) -> str | None:

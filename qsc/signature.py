@@ -8,10 +8,14 @@ and what to do, instead of a guard failure deep inside ``torch.export``'s module
 A program whose batch is fixed at 1 still serves batched calls (classifier-free guidance stacks
 two, ``num_videos_per_prompt`` more): ``split`` cuts such a call into batch-1 calls, whose outputs
 the caller concatenates.
+
+Non-tensor arguments a program was compiled for (``constants``: LTX-Video's ``num_frames``,
+``height``, ``width``) may be passed again with the same value, and are then left out of the call.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -65,17 +69,19 @@ class InputSpec:
 
 
 class ProgramInputs:
-    """The keyword inputs of a compiled program, from an artifact's manifest."""
+    """The keyword inputs of a compiled program, and the constants compiled into it (JSON values),
+    from an artifact's manifest."""
 
-    def __init__(self, specs: Mapping[str, InputSpec]):
+    def __init__(self, specs: Mapping[str, InputSpec], constants: Mapping[str, Any] | None = None):
         self.specs = dict(specs)
+        self.constants = dict(constants or {})
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> "ProgramInputs":
         return cls({
             name: InputSpec(name, tuple(entry["shape"]), getattr(torch, entry["dtype"]))
             for name, entry in manifest["inputs"].items()
-        })
+        }, manifest.get("constants"))
 
     @classmethod
     def from_example(cls, example: Mapping[str, torch.Tensor], dynamic: Mapping[str, Mapping[int, str]]) -> "ProgramInputs":
@@ -94,6 +100,7 @@ class ProgramInputs:
     def split(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Check ``inputs`` and return the calls to make: ``inputs`` itself, or, for a batch of B
         on a program of batch 1, B calls of one sample each."""
+        inputs = self._without_constants(inputs)
         missing = [n for n in self.specs if n not in inputs]
         extra = [n for n in inputs if n not in self.specs]
         if missing or extra:
@@ -109,6 +116,15 @@ class ProgramInputs:
             for b in range(self._batch(inputs))
         ]
 
+    def _without_constants(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        for name, want in self.constants.items():
+            if name in inputs and _as_json(inputs[name]) != want:
+                raise InputError(
+                    f"argument '{name}': the artifact was compiled for {want!r}, got {inputs[name]!r}; "
+                    f"compile from calibration data recorded with this value (qsc record)"
+                )
+        return {n: v for n, v in inputs.items() if n not in self.constants}
+
     def _batch(self, inputs: Mapping[str, Any]) -> int:
         """The batch of a call, the same in every batched input (1 when none is batched)."""
         sizes = {
@@ -118,6 +134,14 @@ class ProgramInputs:
         if len(set(sizes.values())) > 1:
             raise InputError(f"the inputs disagree on the batch size: {sizes}")
         return next(iter(sizes.values()), 1)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as the manifest holds it (tuples are lists); a value JSON cannot hold never matches."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return value
 
 
 def _shape(shape: tuple[Dim, ...]) -> str:

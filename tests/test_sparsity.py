@@ -1,6 +1,8 @@
 """Attention sparsification and SSAR: layouts from measured attention, the step/refresh programs,
 the runtime that threads the residual caches, and the artifact that carries both programs."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -120,6 +122,20 @@ def test_keeping_every_tile_is_the_dense_program(wan):
 def test_dense_attention_setting_keeps_a_layer_dense(wan):
     result = _compile(wan, density=0.5, dense_attention=[r"^blocks\.0\."])
     assert set(result.attention) == {"blocks.1.attn1"}
+
+
+def _rounding_warnings(wan, density):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _compile(wan, density=density)
+    return result, [str(w.message) for w in caught if "asked" in str(w.message)]
+
+
+def test_a_density_whole_tiles_miss_warns_once_per_compile_with_the_achieved_figure(wan):
+    result, messages = _rounding_warnings(wan, 0.15)  # of 4 key tiles: 1 kept, a quarter
+    assert messages == ["density 0.15 asked, 0.25 achieved on 4 key tiles (each query tile keeps whole 64-key tiles)"]
+    assert [info["density"] for info in result.attention.values()] == [0.25, 0.25]  # two layers, one warning
+    assert _rounding_warnings(wan, 0.25)[1] == []
 
 
 class _ThreeAttentions(torch.nn.Module):
