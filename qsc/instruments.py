@@ -73,7 +73,9 @@ class NumericCheck(PassInstrument):
 
     def __init__(self, sample: dict[str, torch.Tensor], reference: torch.Tensor):
         self.sample = sample
-        self.reference = reference
+        # A reference computed with grad enabled (an eager call outside no_grad) would keep its
+        # autograd graph, and with it every activation of the FP forward, alive for the compile.
+        self.reference = reference.detach()
 
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext) -> None:
         gm = result.graph_module

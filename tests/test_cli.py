@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,22 @@ def test_exported_program_with_calibration_file(tmp_path):
     result = run("compile", tmp_path / "wan.pt2", "--calib", tmp_path / "calib.safetensors", "-o", out, *FAST)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["layers"]
+
+
+def test_eval_and_generate_end_unexpected_failures_and_warnings_in_one_line_each(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        warnings.warn("inputs [batch, 4]\n\nwere cast", UserWarning)
+        raise RuntimeError("out of memory\nwhile running [batch, 4]")
+
+    monkeypatch.setattr("qsc.evaluate.evaluate", broken)
+    monkeypatch.setattr("qsc.refmodel.load_reference_model", broken)
+    for command in (["eval", tmp_path], ["generate", "--prompt", "a red circle moving left", "-o", tmp_path / "v.gif"]):
+        result = run(*command)
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines() == [
+            "warning: inputs [batch, 4] were cast",
+            f"error: qsc {command[0]} failed: RuntimeError: out of memory while running [batch, 4]",
+        ]
 
 
 def test_missing_file(tmp_path):

@@ -7,7 +7,7 @@ import statistics
 
 import click
 
-from . import stdout
+from . import no_traceback, stdout
 
 
 @click.command("eval")
@@ -32,9 +32,10 @@ def eval_command(artifact, model, data, samples, json_out, trust_pickle):
     from qsc.fsutil import atomic_file
     from qsc.report import metrics_table
 
-    rows = evaluate(artifact, model=model, data=data, samples=samples, trust_pickle=trust_pickle)
-    mean = {k: statistics.fmean(r[k] for r in rows) for k in ("rel_l2", "cosine", "psnr")}
-    stdout.print(metrics_table([*rows, {"sample": "mean", **mean}], title=f"{artifact} vs FP"))
-    if json_out:
-        with atomic_file(json_out) as tmp:
-            tmp.write_text(json.dumps({"artifact": artifact, "rows": rows, "mean": mean}, indent=2) + "\n")
+    with no_traceback("eval"):
+        rows = evaluate(artifact, model=model, data=data, samples=samples, trust_pickle=trust_pickle)
+        mean = {k: statistics.fmean(r[k] for r in rows) for k in ("rel_l2", "cosine", "psnr")}
+        stdout.print(metrics_table([*rows, {"sample": "mean", **mean}], title=f"{artifact} vs FP"))
+        if json_out:
+            with atomic_file(json_out) as tmp:
+                tmp.write_text(json.dumps({"artifact": artifact, "rows": rows, "mean": mean}, indent=2) + "\n")

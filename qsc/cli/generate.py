@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import no_traceback
+
 
 @click.command("generate")
 @click.option("--prompt", required=True, help='e.g. "a red circle moving left" (see qsc.refmodel.prompts)')
@@ -21,18 +23,19 @@ def generate(prompt, artifact, seed, steps, guidance, output):
     from ..refmodel.sampler import sample
     from ..refmodel.video import side_by_side, write_video
 
-    try:
-        parsed = Prompt.parse(prompt)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--prompt") from None
-    options = {k: v for k, v in {"steps": steps, "guidance": guidance}.items() if v is not None}
-    clips, labels = [sample(as_denoiser(load_reference_model()), parsed, seed, **options)], ["FP"]
-    if artifact is not None:
-        import qsc
+    with no_traceback("generate"):
+        try:
+            parsed = Prompt.parse(prompt)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--prompt") from None
+        options = {k: v for k, v in {"steps": steps, "guidance": guidance}.items() if v is not None}
+        clips, labels = [sample(as_denoiser(load_reference_model()), parsed, seed, **options)], ["FP"]
+        if artifact is not None:
+            import qsc
 
-        clips.append(sample(qsc.load(artifact), parsed, seed, **options))
-        labels.append("compressed")
-        click.echo(f"compressed vs FP: PSNR {psnr(clips[1], clips[0], peak=1.0):.2f} dB, "
-                   f"SSIM {ssim(clips[1], clips[0]):.4f}")
-    path = write_video(output, side_by_side(clips, labels))
-    click.echo(f"wrote {path} ({parsed.text}, seed {seed})")
+            clips.append(sample(qsc.load(artifact), parsed, seed, **options))
+            labels.append("compressed")
+            click.echo(f"compressed vs FP: PSNR {psnr(clips[1], clips[0], peak=1.0):.2f} dB, "
+                       f"SSIM {ssim(clips[1], clips[0]):.4f}")
+        path = write_video(output, side_by_side(clips, labels))
+        click.echo(f"wrote {path} ({parsed.text}, seed {seed})")
