@@ -79,7 +79,8 @@ class _GramNorms(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.layers:
-            x = self.env[n.args[0]].detach().double().reshape(-1, n.args[0].meta["val"].shape[-1])
+            # float32: a ranking needs no more, and a float64 GEMM costs several times as much on a CPU
+            x = self.env[n.args[0]].detach().float().reshape(-1, n.args[0].meta["val"].shape[-1])
             self.norms[self.layers[n]] = float(torch.linalg.matrix_norm(x.T @ x))
         return super().run_node(n)
 
