@@ -252,7 +252,8 @@ def end_to_end(device: torch.device, dry_run: bool) -> dict:
         fp_out = model(**inputs, return_dict=False)[0]
         result = qsc.compile(
             model, qsc.CalibrationSet.from_samples([inputs], outputs=[fp_out]), preset=preset,
-            config={"backend": "triton", "calib_samples": 1, "check_numerics": False},
+            # Random weights: the time does not depend on learned scales, so the PTQ version compiles.
+            config={"backend": "triton", "calib_samples": 1, "check_numerics": False, "learn_scales": False},
         )
         runtime, tau = result.module, result.config.ssar_tau
         tile_density = statistics.mean(a["density"] for a in result.attention.values())

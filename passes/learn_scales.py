@@ -293,9 +293,10 @@ def _learn(
 
     schedule_of_samples = [i for _ in range(cfg.scale_epochs) for i in torch.randperm(len(inputs), generator=order).tolist()]
     for i in ctx.progress(schedule_of_samples, f"learning {block}", total=steps, status=status):
-        loss = objective(student(*inputs[i]), targets[i])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # a compile called under no_grad still trains its scales
+            loss = objective(student(*inputs[i]), targets[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         schedule.step()
         value = float(loss.detach())
