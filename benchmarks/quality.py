@@ -45,6 +45,8 @@ LADDER = {
     "+ sparse-token distillation": TOKEN,
     "+ salient selection (= S2Q-VDiT)": S2Q,
     "+ MSAD": {**S2Q, "msad_global": 1.0, "msad_local": 1.0},
+    # qsc's variant of the salient selection: the most salient samples of every step alike.
+    "salient per step (qsc) + sparse-token": {**TOKEN, "calib_selection": "salient-per-step"},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {

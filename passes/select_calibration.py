@@ -14,7 +14,11 @@ step of a recorded trajectory, one branch of guidance) is a candidate, scored by
   candidates (so that no layer dominates by its scale), and sums over the layers.
 
 Both are min-max normalised over the candidates and multiplied (a sample must be salient on
-both); the ``calib_samples`` highest scores are kept (ties: the earlier sample). ``uniform``
+both); the ``calib_samples`` highest scores are kept (ties: the earlier sample).
+``salient-per-step`` (qsc's variant) keeps the same number of samples at every step, the most
+salient of each: on the reference model the paper's ranking takes only late steps (there
+``||x_t||`` is smallest and the activations largest), which draws the prompt as well as FP but
+drifts from the FP video, whose layout the early steps decide (benchmarks/README.md). ``uniform``
 (the set's even spread, no pass needed) and ``random`` (a seeded draw) remain for the ablation.
 
 Produces ``calibration_selection`` (the sample indices, ascending) which
@@ -24,6 +28,7 @@ Produces ``calibration_selection`` (the sample indices, ascending) which
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -41,6 +46,7 @@ LATENT = "hidden_states"  # the diffusers name of the latent a denoiser call tak
 # ``cfg``, ``qsc.record`` labels it ``branch`` and numbers the videos of one call by ``batch_index``.
 TRAJECTORY_KEYS = ("prompt", "seed", "cfg", "branch", "batch_index")
 RECORD_KEYS = ("prompt", "step", "cfg", "branch")  # what the log says of a chosen sample
+SALIENT = ("salient", "salient-per-step")
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -106,11 +112,25 @@ def quantization_saliency(gm: fx.GraphModule, ctx: PassContext, progress_label: 
     return (norms / norms.amax(dim=0).clamp_min(1e-30)).sum(dim=1)
 
 
-def salient_indices(c_diff: torch.Tensor, c_quant: torch.Tensor, count: int) -> list[int]:
-    """The ``count`` samples of highest ``minmax(C_diff) * minmax(C_quant)``, ascending."""
-    score = minmax(c_diff) * minmax(c_quant)
-    order = torch.argsort(score, descending=True, stable=True)
-    return sorted(order[:count].tolist())
+def saliency(c_diff: torch.Tensor, c_quant: torch.Tensor) -> torch.Tensor:
+    return minmax(c_diff) * minmax(c_quant)
+
+
+def salient_indices(score: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` samples of highest score, ascending."""
+    return sorted(torch.argsort(score, descending=True, stable=True)[:count].tolist())
+
+
+def salient_indices_per_step(score: torch.Tensor, steps: list[int], count: int) -> list[int]:
+    """The most salient samples of every step in turn: round r takes each step's r-th best (the
+    steps whose candidate scores higher first), until ``count`` are taken; ascending."""
+    by_step: dict[int, list[int]] = {}
+    for i in torch.argsort(score, descending=True, stable=True).tolist():
+        by_step.setdefault(steps[i], []).append(i)
+    taken: list[int] = []
+    for round_ in itertools.zip_longest(*by_step.values()):
+        taken += sorted((i for i in round_ if i is not None), key=lambda i: -float(score[i]))
+    return sorted(taken[:count])
 
 
 class SelectCalibration(Pass):
@@ -121,7 +141,7 @@ class SelectCalibration(Pass):
         cfg, calib = ctx.config, ctx.calibration
         count = min(cfg.calib_samples, len(calib))
         method = cfg.calib_selection
-        if method == "salient":
+        if method in SALIENT:
             c_diff = diffusion_saliency(calib)
             if c_diff is None:
                 warnings.warn(
@@ -132,7 +152,11 @@ class SelectCalibration(Pass):
                 )
                 method, chosen = "uniform", calib.spread(count)
             else:
-                chosen = salient_indices(c_diff, quantization_saliency(gm, ctx, "scoring calibration samples"), count)
+                score = saliency(c_diff, quantization_saliency(gm, ctx, "scoring calibration samples"))
+                if method == "salient":
+                    chosen = salient_indices(score, count)
+                else:
+                    chosen = salient_indices_per_step(score, [r["step"] for r in calib.records], count)
         elif method == "random":
             chosen = sorted(torch.randperm(len(calib), generator=ctx.rng)[:count].tolist())
         else:

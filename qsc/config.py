@@ -46,8 +46,9 @@ class CompileConfig:
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # regexes: linears never quantized
     calib_samples: int = 16  # calibration samples used, chosen by ``calib_selection``
     # How the samples are chosen: "uniform" (evenly spread over the set), "salient" (S2Q-VDiT's
-    # Hessian-aware selection: diffusion x quantization saliency, pass ``select_calibration``) or
-    # "random" (a seeded draw, for the ablation).
+    # Hessian-aware selection: diffusion x quantization saliency, pass ``select_calibration``),
+    # "salient-per-step" (the most salient of every sampling step alike) or "random" (a seeded
+    # draw, for the ablation).
     calib_selection: str = "uniform"
     # Block-wise scale learning against the FP teacher (pass ``learn_scales``): per-channel
     # smoothing (lr ``lr_smooth``), per-channel weight clipping and per-layer activation clipping
@@ -137,7 +138,7 @@ class CompileConfig:
 
 BACKENDS = ("reference", "triton")
 SSAR_EXTRAPOLATIONS = ("hold", "linear")
-CALIB_SELECTIONS = ("uniform", "salient", "random")
+CALIB_SELECTIONS = ("uniform", "salient", "salient-per-step", "random")
 RECON_LOSSES = ("mse", "token")
 
 # S2Q-VDiT: 40 salient samples (the paper's K), scale learning with sparse-token distillation.

@@ -18,6 +18,7 @@ from qsc.partition import Stream, partition_blocks
 from qsc.passes import REGISTRY
 from qsc.passes.learn_scales import CHECKPOINT, _fold, _student
 from qsc.passes.quantize_linear import QuantizeLinear
+from qsc.passes.select_calibration import salient_indices, salient_indices_per_step
 from qsc.schemes import LinearScheme, SchemePlan
 
 from tiny_models import tiny_model
@@ -76,6 +77,14 @@ def test_selection_without_trajectory_records_falls_back_to_uniform_with_one_war
         ctx = _select(model, calib, calib_samples=3)
     assert ctx.analyses["calibration_selection"] == calib.spread(3)
     assert ctx.analyses["calibration_records"]["method"] == "uniform"
+
+
+def test_per_step_selection_takes_the_most_salient_sample_of_every_step():
+    steps = [0, 0, 1, 1, 2, 2, 3, 3]
+    score = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.05, 0.0, 0.9, 1.0])
+    assert salient_indices(score, 4) == [2, 3, 6, 7]  # the paper's ranking: steps 1 and 3 only
+    assert salient_indices_per_step(score, steps, 4) == [1, 2, 4, 7]  # each step's best
+    assert salient_indices_per_step(score, steps, 5) == [1, 2, 4, 6, 7]  # then the best second
 
 
 def test_random_selection_is_a_seeded_draw():
