@@ -50,6 +50,7 @@ LADDER = {
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {
+    "PTQ + sparse (no correction)": {"learn_scales": False, "ssar_tau": 0},
     "PTQ + sparse + SSAR": {"learn_scales": False},
     "QuantSparse (MSAD + sparse + SSAR)": {},
 }
