@@ -27,7 +27,7 @@ def _count(gm, target, a_bits=None):
 def sparse_wan():
     model = tiny_model("wan")
     result = qsc.compile(model, synthetic_calibration(model, 2, seed=0), preset="w4a8-sparse",
-                         config={"calib_samples": 2, "check_numerics": False})
+                         config={"calib_samples": 2, "check_numerics": False, "scale_epochs": 1})
     return result.module.step_program, result.example_inputs
 
 

@@ -45,7 +45,7 @@ GROUP_SIZE = {"w4a8": 32}
 def _artifact(tmp_root, model: str, preset: str):
     source = tiny_model(model) if model != "reference" else None
     calib = synthetic_calibration(source, 2, seed=0) if source is not None else None
-    config = {"calib_samples": 2, "check_numerics": False, "group_size": GROUP_SIZE.get(preset, 0)}
+    config = {"calib_samples": 2, "check_numerics": False, "group_size": GROUP_SIZE.get(preset, 0), "scale_epochs": 1}
     result = qsc.compile(source, calib, preset=preset, config=config)
     return result.save(tmp_root / f"{model}-{preset}.qsc")
 
