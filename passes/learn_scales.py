@@ -217,9 +217,10 @@ class LearnScales(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
         plan = SchemePlan(cfg)
+        schemes = {s.layer: plan.scheme(s.layer, gm.get_parameter(s.weight_target).shape[1])
+                   for s in quantizable_linears(gm, cfg.include, cfg.exclude)}
         sites = [s for s in quantizable_linears(gm, cfg.include, cfg.exclude)
-                 if (scheme := plan.scheme(s.layer, gm.get_parameter(s.weight_target).shape[1]))
-                 and scheme.a_bits != FLOAT_ACTIVATIONS]
+                 if schemes[s.layer] and schemes[s.layer].a_bits != FLOAT_ACTIVATIONS]
         checkpoint = Checkpoint(ctx.checkpoint_dir, _fingerprint(ctx, sites, gm), ctx.resume)
         partitions = partition_blocks(gm, cfg.include)
         keep = needed_after(gm, partitions)
@@ -245,8 +246,7 @@ class LearnScales(Pass):
                 teacher = partition.module(gm, extra)
                 fp_outputs = [teacher(*stream.inputs(partition)) for stream in fp]
                 targets = [objective.targets(tuple(out)) for out in fp_outputs]
-            schemes = {layer: plan.scheme(layer, gm.get_parameter(s.weight_target).shape[1]) for layer, s in block_sites.items()}
-            student, learned = _student(gm, partition, schemes, extra)
+            student, learned = _student(gm, partition, {layer: schemes[layer] for layer in block_sites}, extra)
             inputs = [stream.inputs(partition) for stream in student_streams]
             if checkpoint.restore(partition.name, learned):
                 report[partition.name] = "resumed"

@@ -91,7 +91,7 @@ class _GramNorms(fx.Interpreter):
         return super().run_node(n)
 
 
-def quantization_saliency(gm: fx.GraphModule, ctx: PassContext, progress_label: str) -> torch.Tensor:
+def quantization_saliency(gm: fx.GraphModule, ctx: PassContext) -> torch.Tensor:
     """``C_quant`` of every sample of the set: per-layer Gram norms, each layer scaled to a maximum
     of 1 over the samples, summed."""
     plan = SchemePlan(ctx.config)
@@ -104,7 +104,7 @@ def quantization_saliency(gm: fx.GraphModule, ctx: PassContext, progress_label: 
     placeholders = [n.target for n in gm.graph.find_nodes(op="placeholder")]
     rows = []
     with torch.no_grad():
-        for sample in ctx.progress(ctx.calibration, progress_label, total=len(ctx.calibration)):
+        for sample in ctx.progress(ctx.calibration, "scoring calibration samples", total=len(ctx.calibration)):
             interpreter = _GramNorms(gm, layers)
             interpreter.run(*(sample[name] for name in placeholders))
             rows.append([interpreter.norms[layer] for layer in layers.values()])
@@ -152,7 +152,7 @@ class SelectCalibration(Pass):
                 )
                 method, chosen = "uniform", calib.spread(count)
             else:
-                score = saliency(c_diff, quantization_saliency(gm, ctx, "scoring calibration samples"))
+                score = saliency(c_diff, quantization_saliency(gm, ctx))
                 if method == "salient":
                     chosen = salient_indices(score, count)
                 else:
