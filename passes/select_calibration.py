@@ -1,7 +1,9 @@
 """Pass ``select_calibration``: choose the calibration samples the later passes learn from.
 
-S2Q-VDiT's Hessian-aware salient data selection. Every sample of the calibration set (a prompt x
-step of a recorded trajectory, one branch of guidance) is a candidate, scored by two saliencies:
+S2Q-VDiT's Hessian-aware salient data selection. A candidate is the denoiser's work at one step of
+one video (prompt, seed, step): the calls of both guidance branches together, as the paper's
+batched guidance computes them (qsc's records keep the branches apart). Every sample is scored by
+two saliencies:
 
 * diffusion saliency ``C_diff = ||x_t - x_{t-1}||^2 / ||x_t||^2``: how much the sampler moves the
   latent at that step. ``x_{t-1}`` is the ``hidden_states`` of the next step of the same
@@ -11,15 +13,21 @@ step of a recorded trajectory, one branch of guidance) is a candidate, scored by
 * quantization saliency ``C_quant``: the second-order Taylor view of a layer's output error puts
   its Hessian at ``2 X^T X`` for the layer's input ``X``; qsc takes ``||X^T X||_F`` of the input of
   every linear that gets quantized activations, divides it by that layer's largest value over the
-  candidates (so that no layer dominates by its scale), and sums over the layers.
+  samples (so that no layer dominates by its scale), and sums over the layers.
 
-Both are min-max normalised over the candidates and multiplied (a sample must be salient on
-both); the ``calib_samples`` highest scores are kept (ties: the earlier sample).
-``salient-per-step`` (qsc's variant) keeps the same number of samples at every step, the most
-salient of each: on the reference model the paper's ranking takes only late steps (there
-``||x_t||`` is smallest and the activations largest), which draws the prompt as well as FP but
-drifts from the FP video, whose layout the early steps decide (benchmarks/README.md). ``uniform``
-(the set's even spread, no pass needed) and ``random`` (a seeded draw) remain for the ablation.
+A candidate's ``C_diff`` is its samples' mean (the branches share the latent) and its ``C_quant``
+their sum (a batched call's ``X^T X`` is the sum of its branches'; the sum of the norms bounds its
+norm and needs no ``K x K`` matrix kept per sample). Both are min-max normalised over the
+candidates and multiplied (a candidate must be salient on both); candidates are taken in order of
+score, each with all its samples, until ``calib_samples`` samples are taken (the last candidate
+may contribute only its most salient samples; ties: the earlier candidate). Scored sample by
+sample instead, the ranking on the reference model takes the conditional branch only, and the
+unconditional errors that guidance multiplies by its scale go uncalibrated (benchmarks/README.md).
+``salient-per-step`` (qsc's variant) takes the same number of candidates at every step, the most
+salient of each: the paper's ranking takes only late steps (there ``||x_t||`` is smallest and the
+activations largest), which draws the prompt as well as FP but drifts from the FP video, whose
+layout the early steps decide. ``uniform`` (the set's even spread, no pass needed) and ``random``
+(a seeded draw) remain for the ablation.
 
 Produces ``calibration_selection`` (the sample indices, ascending) which
 ``PassContext.calibration_samples`` serves to every later pass, and ``calibration_records``
@@ -46,6 +54,7 @@ LATENT = "hidden_states"  # the diffusers name of the latent a denoiser call tak
 # ``cfg``, ``qsc.record`` labels it ``branch`` and numbers the videos of one call by ``batch_index``.
 TRAJECTORY_KEYS = ("prompt", "seed", "cfg", "branch", "batch_index")
 RECORD_KEYS = ("prompt", "step", "cfg", "branch")  # what the log says of a chosen sample
+CANDIDATE_KEYS = ("prompt", "seed", "step")  # one candidate: every branch of a video's step
 SALIENT = ("salient", "salient-per-step")
 
 
@@ -112,25 +121,48 @@ def quantization_saliency(gm: fx.GraphModule, ctx: PassContext) -> torch.Tensor:
     return (norms / norms.amax(dim=0).clamp_min(1e-30)).sum(dim=1)
 
 
-def saliency(c_diff: torch.Tensor, c_quant: torch.Tensor) -> torch.Tensor:
-    return minmax(c_diff) * minmax(c_quant)
+def candidates(calib: CalibrationSet) -> list[list[int]]:
+    """The samples of each candidate (prompt, seed, step), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, record in enumerate(calib.records):
+        groups.setdefault(tuple(record.get(k) for k in CANDIDATE_KEYS), []).append(i)
+    return list(groups.values())
 
 
-def salient_indices(score: torch.Tensor, count: int) -> list[int]:
-    """The ``count`` samples of highest score, ascending."""
-    return sorted(torch.argsort(score, descending=True, stable=True)[:count].tolist())
+def saliency(c_diff: torch.Tensor, c_quant: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """The score of every candidate of ``groups`` from its samples' saliencies."""
+    diff = torch.stack([c_diff[g].mean() for g in groups])
+    quant = torch.stack([c_quant[g].sum() for g in groups])
+    return minmax(diff) * minmax(quant)
 
 
-def salient_indices_per_step(score: torch.Tensor, steps: list[int], count: int) -> list[int]:
-    """The most salient samples of every step in turn: round r takes each step's r-th best (the
-    steps whose candidate scores higher first), until ``count`` are taken; ascending."""
-    by_step: dict[int, list[int]] = {}
-    for i in torch.argsort(score, descending=True, stable=True).tolist():
-        by_step.setdefault(steps[i], []).append(i)
-    taken: list[int] = []
-    for round_ in itertools.zip_longest(*by_step.values()):
-        taken += sorted((i for i in round_ if i is not None), key=lambda i: -float(score[i]))
+def _ranked(score: torch.Tensor) -> list[int]:
+    return torch.argsort(score, descending=True, stable=True).tolist()
+
+
+def _take(ranked_groups: list[list[int]], sample_score: torch.Tensor, count: int) -> list[int]:
+    """The first ``count`` samples of the groups in turn (each group's most salient first), ascending."""
+    taken = [i for g in ranked_groups for i in sorted(g, key=lambda i: -float(sample_score[i]))]
     return sorted(taken[:count])
+
+
+def salient_indices(score: torch.Tensor, groups: list[list[int]], sample_score: torch.Tensor, count: int) -> list[int]:
+    """``count`` samples of the highest-scoring candidates, ascending."""
+    return _take([groups[g] for g in _ranked(score)], sample_score, count)
+
+
+def salient_indices_per_step(
+    score: torch.Tensor, groups: list[list[int]], sample_score: torch.Tensor, steps: list[int], count: int
+) -> list[int]:
+    """The most salient candidates of every step in turn: round r takes each step's r-th best (the
+    steps whose candidate scores higher first), until ``count`` samples are taken; ascending."""
+    by_step: dict[int, list[int]] = {}
+    for g in _ranked(score):
+        by_step.setdefault(steps[g], []).append(g)
+    order: list[int] = []
+    for round_ in itertools.zip_longest(*by_step.values()):
+        order += sorted((g for g in round_ if g is not None), key=lambda g: -float(score[g]))
+    return _take([groups[g] for g in order], sample_score, count)
 
 
 class SelectCalibration(Pass):
@@ -152,11 +184,15 @@ class SelectCalibration(Pass):
                 )
                 method, chosen = "uniform", calib.spread(count)
             else:
-                score = saliency(c_diff, quantization_saliency(gm, ctx))
+                c_quant = quantization_saliency(gm, ctx)
+                groups = candidates(calib)
+                score = saliency(c_diff, c_quant, groups)
+                sample_score = minmax(c_diff) * minmax(c_quant)  # orders the samples within a candidate
                 if method == "salient":
-                    chosen = salient_indices(score, count)
+                    chosen = salient_indices(score, groups, sample_score, count)
                 else:
-                    chosen = salient_indices_per_step(score, [r["step"] for r in calib.records], count)
+                    steps = [calib.records[g[0]]["step"] for g in groups]
+                    chosen = salient_indices_per_step(score, groups, sample_score, steps, count)
         elif method == "random":
             chosen = sorted(torch.randperm(len(calib), generator=ctx.rng)[:count].tolist())
         else:

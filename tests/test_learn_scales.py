@@ -60,13 +60,15 @@ def _select(model, calib, **overrides):
 def test_salient_selection_ranks_the_planted_sample_first():
     model = tiny_model("wan")
     planted = 10  # second prompt, step 1, conditional: salient in both scores
-    ctx = _select(model, _trajectories(model, planted))
+    calib = _trajectories(model, planted)
+    ctx = _select(model, calib)
     assert ctx.analyses["calibration_selection"] == [planted]
     assert ctx.analyses["calibration_records"]["samples"] == [{"prompt": "blue square", "step": 1, "cfg": "cond"}]
     assert ctx.calibration_indices() == [planted]
-    # Neither score alone decides it: the same latent jump with the unconditional branch's
-    # (zero) text has the same diffusion saliency but lower quantization saliency.
-    assert ctx.analyses["calibration_selection"] != [planted + 1]
+    # A candidate is the step with both guidance branches; within it the conditional call (the
+    # same latent, a larger text input) is the more salient sample.
+    both = _select(model, calib, calib_samples=2).analyses["calibration_records"]["samples"]
+    assert both == [{"prompt": "blue square", "step": 1, "cfg": branch} for branch in ("cond", "uncond")]
 
 
 def test_selection_without_trajectory_records_falls_back_to_uniform_with_one_warning():
@@ -79,12 +81,16 @@ def test_selection_without_trajectory_records_falls_back_to_uniform_with_one_war
     assert ctx.analyses["calibration_records"]["method"] == "uniform"
 
 
-def test_per_step_selection_takes_the_most_salient_sample_of_every_step():
-    steps = [0, 0, 1, 1, 2, 2, 3, 3]
-    score = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.05, 0.0, 0.9, 1.0])
-    assert salient_indices(score, 4) == [2, 3, 6, 7]  # the paper's ranking: steps 1 and 3 only
-    assert salient_indices_per_step(score, steps, 4) == [1, 2, 4, 7]  # each step's best
-    assert salient_indices_per_step(score, steps, 5) == [1, 2, 4, 6, 7]  # then the best second
+def test_per_step_selection_takes_the_most_salient_candidate_of_every_step():
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]  # (prompt, step): (0, 0), (0, 1), (1, 0), (1, 1)
+    steps = [0, 1, 0, 1]
+    score = torch.tensor([0.1, 0.9, 0.3, 1.0])
+    sample_score = torch.tensor([0.0, 0.1, 0.0, 0.1, 0.2, 0.1, 0.3, 0.4])
+    assert salient_indices(score, groups, sample_score, 4) == [2, 3, 6, 7]  # the paper's ranking: step 1 only
+    assert salient_indices_per_step(score, groups, sample_score, steps, 4) == [4, 5, 6, 7]  # each step's best
+    assert salient_indices_per_step(score, groups, sample_score, steps, 6) == [2, 3, 4, 5, 6, 7]  # then the second
+    # A candidate cut short gives its most salient sample.
+    assert salient_indices_per_step(score, groups, sample_score, steps, 3) == [4, 6, 7]
 
 
 def test_random_selection_is_a_seeded_draw():
