@@ -1,7 +1,7 @@
 """The compiler passes, one module each, in pipeline order.
 
     select_calibration -> insert_observers -> calibrate -> smooth_quant -> learn_scales
-        -> quantize_linear -> sparsify_attention -> second_order_reparam
+        -> compensate_weights -> quantize_linear -> sparsify_attention -> second_order_reparam
 
 ``REGISTRY`` maps pass names (as used in configs and ``--dump-ir`` file names) to their classes;
 ``pipeline_for(config)`` turns a configuration into the list of passes that implements it.
@@ -14,6 +14,7 @@ from qsc.errors import PipelineError
 from qsc.pipeline import Pass
 
 from .calibrate import Calibrate
+from .compensate_weights import CompensateWeights
 from .insert_observers import InsertObservers
 from .learn_scales import LearnScales
 from .quantize_linear import QuantizeLinear
@@ -25,7 +26,7 @@ from .sparsify_attention import SparsifyAttention
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (
-        SelectCalibration, InsertObservers, Calibrate, SmoothQuant, LearnScales, QuantizeLinear,
+        SelectCalibration, InsertObservers, Calibrate, SmoothQuant, LearnScales, CompensateWeights, QuantizeLinear,
         SparsifyAttention, SecondOrderReparam,
     )
 }
@@ -40,6 +41,8 @@ def default_pass_names(config: CompileConfig) -> list[str]:
         names.append("smooth_quant")
     if config.learn_scales:
         names.append("learn_scales")  # starts from smooth_quant's state: it requires its analysis
+    if config.compensate_weights:
+        names.append("compensate_weights")  # under the scales learn_scales' clipping gives
     names.append("quantize_linear")
     # Attention is sparsified on the quantized graph: the layouts fit the model as it will run.
     if config.density < 1.0:

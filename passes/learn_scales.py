@@ -46,12 +46,10 @@ from qsc import distill
 from qsc.errors import InputError
 from qsc.fake_quant import Folded, LearnedLinear
 from qsc.fsutil import atomic_file
-from qsc.graph import LinearSite, attention_sites, finalize, layer_path, quantizable_linears
+from qsc.graph import LinearSite, attention_sites, finalize, quantizable_linears, substitute_linears
 from qsc.partition import Partition, Stream, needed_after, partition_blocks
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import FLOAT_ACTIVATIONS, LinearScheme, SchemePlan
-
-from .smooth_quant import SMOOTH_META
 
 MIN_POOLED_TOKENS = 64
 CHECKPOINT = "learn_scales.safetensors"
@@ -121,32 +119,10 @@ def _student(
 ) -> tuple[fx.GraphModule, dict[str, LearnedLinear]]:
     """The partition's program with each linear of ``sites`` (layer -> scheme) a ``LearnedLinear``."""
     student = partition.module(gm, extra)
-    learned = {}
-    for node in list(student.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)):
-        weight = node.args[1]
-        layer = layer_path(weight.target)
-        if layer not in sites:
-            continue
-        x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
-        in_scale = None
-        if isinstance(x, fx.Node) and x.meta.get(SMOOTH_META):
-            x, inv = x.args
-            in_scale = student.get_buffer(inv.target)
-        module = LearnedLinear(
-            student.get_parameter(weight.target),
-            None if bias is None else student.get_parameter(bias.target),
-            in_scale,
-            sites[layer],
-        )
-        name = f"learned_{len(learned)}"
-        student.add_submodule(name, module)
-        with student.graph.inserting_before(node):
-            call = student.graph.call_module(name, (x,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        student.graph.erase_node(node)
-        learned[layer] = module
-    return finalize(student), learned
+    learned = substitute_linears(
+        student, lambda layer, w, b, in_scale: LearnedLinear(w, b, in_scale, sites[layer]) if layer in sites else None
+    )
+    return student, learned
 
 
 def _fold(gm: fx.GraphModule, site: LinearSite, folded: Folded) -> None:

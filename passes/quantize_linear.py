@@ -4,7 +4,8 @@ Each linear gets the scheme ``qsc.schemes.SchemePlan`` assigns to its layer (wei
 activations, weight-only, or none). The weight is quantized by round-to-nearest on min-max scales
 (per output channel or per group), optionally shrunk by clipping ratios that an earlier pass
 learned (analysis ``weight_clip``: per layer, a number or one ratio per output channel and group),
-and stored packed (int4 two per byte, or int8). A
+or under the scales an earlier pass fixed (analysis ``weight_scale``: ``compensate_weights``
+put the weights on that grid), and stored packed (int4 two per byte, or int8). A
 SmoothQuant multiplier in front of the linear (``mul(x, s^-1)`` tagged by ``smooth_quant``) is
 folded into the op's ``in_scale``, and its alpha recorded as the layer's ``smooth_alpha``; a learned
 activation clipping ratio (analysis ``activation_clip``) becomes the op's ``a_clip``. The original
@@ -17,11 +18,9 @@ import torch
 from torch import fx
 
 from qsc import quant
-from qsc.graph import at_node, finalize, linear_sites, register_buffer, remove_attr
+from qsc.graph import SMOOTH_META, at_node, finalize, linear_sites, register_buffer, remove_attr
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import SchemePlan, layer_record
-
-from .smooth_quant import SMOOTH_META
 
 
 class QuantizeLinear(Pass):
@@ -31,6 +30,7 @@ class QuantizeLinear(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = SchemePlan(ctx.config)
         clips = ctx.analyses.get("weight_clip", {})
+        fixed_scales = ctx.analyses.get("weight_scale", {})
         a_clips = ctx.analyses.get("activation_clip", {})
         smoothing = ctx.analyses.get("smoothing", {})
         layers, replaced = {}, []
@@ -44,7 +44,11 @@ class QuantizeLinear(Pass):
                 node = site.node
                 x, _, *rest = node.args
                 bias = rest[0] if rest else None
-                packed, scale = quant.quantize_packed(weight, scheme.w_bits, scheme.group_size, clips.get(site.layer, 1.0))
+                scale = fixed_scales.get(site.layer)
+                if scale is None:
+                    scale = quant.weight_scale(weight, scheme.w_bits, scheme.group_size, clips.get(site.layer, 1.0))
+                codes = quant.quantize_weight(weight, scale, scheme.w_bits, scheme.group_size)
+                packed = quant.pack_weight(codes, scheme.w_bits)
 
                 in_scale = None
                 if isinstance(x, fx.Node) and x.meta.get(SMOOTH_META):

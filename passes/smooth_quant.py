@@ -31,11 +31,10 @@ from qsc import quant
 from qsc.backends import reference
 from qsc.config import AUTO_ALPHA, CompileConfig
 from qsc.errors import CalibrationError
-from qsc.graph import LinearSite, at_node, finalize, quantizable_linears, register_buffer
+from qsc.graph import SMOOTH_META, LinearSite, at_node, finalize, quantizable_linears, register_buffer
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import FLOAT_ACTIVATIONS, LinearScheme, SchemePlan
 
-SMOOTH_META = "qsc_smooth"
 _S_RANGE = (1e-5, 1e5)  # channels that were all zero must not produce inf/0 factors
 ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1: the step of ModelOpt's search
 

@@ -68,6 +68,11 @@ class CompileConfig:
     msad_local: float = 0.0
     msad_stride: int = 128
     msad_topk: int = 256
+    # GPTQ's error compensation (pass ``compensate_weights``): each layer's codes chosen column by
+    # column so its output on the calibration inputs moves least, under the scales it has anyway;
+    # ``compensation_damping`` (of the mean diagonal) keeps the inverse of X^T X finite.
+    compensate_weights: bool = False
+    compensation_damping: float = 0.01
     # Attention sparsity: the fraction of 128-query x 64-key tiles each self-attention computes
     # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
     density: float = 1.0
@@ -114,6 +119,8 @@ class CompileConfig:
             raise ConfigError("learning rates and MSAD weights must be >= 0")
         if self.learn_scales and not self.smooth_quant:
             raise ConfigError("learn_scales starts from smooth_quant's migration: keep smooth_quant = true")
+        if not 0.0 < self.compensation_damping <= 1.0:
+            raise ConfigError(f"compensation_damping must be in (0, 1], got {self.compensation_damping}")
         if not 0.0 <= self.token_weight_min <= 1.0:
             raise ConfigError(f"token_weight_min must be in [0, 1], got {self.token_weight_min}")
         if not 0.0 < self.density <= 1.0:

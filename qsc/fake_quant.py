@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from .schemes import LinearScheme
+from .schemes import FLOAT_ACTIVATIONS, LinearScheme
 
 W_CLIP_RANGE = (0.25, 1.0)  # a weight clipping ratio below a quarter of the range only loses
 A_CLIP_RANGE = (0.5, 1.0)  # per-token maxima are already local: activations clip less
@@ -108,3 +108,24 @@ class LearnedLinear(torch.nn.Module):
     def folded(self) -> Folded:
         weight, in_scale, w_clip, a_clip = self.transformed()
         return Folded(weight.clone(), None if in_scale is None else in_scale.clone(), w_clip.clone(), float(a_clip))
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A linear as the quantized op computes it, from a weight already on its quantization grid
+    (the dequantized codes): ``x * in_scale`` quantized per token (unless ``a_bits`` is 16), then
+    the GEMM. Runs the calibration activations through a block whose codes are decided."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_scale: torch.Tensor | None,
+                 a_bits: int, a_clip: float):
+        super().__init__()
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.register_buffer("in_scale", None if in_scale is None else in_scale.detach())
+        self.a_bits, self.a_clip = a_bits, a_clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if self.in_scale is None else x.float() * self.in_scale.float()
+        if self.a_bits < FLOAT_ACTIVATIONS:
+            xf = fake_quantize_tokens(xf, self.a_bits, self.a_clip)
+        y = torch.nn.functional.linear(xf, self.weight.float(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)

@@ -13,7 +13,7 @@ import copy
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import fx
@@ -47,6 +47,11 @@ class LinearSite:
         return self.weight_target.rpartition(".")[0]
 
 
+# ``smooth_quant``'s tag on the ``mul(x, s^-1)`` it puts in front of a linear: the multiplier that
+# later passes fold into the quantized op's ``in_scale``.
+SMOOTH_META = "qsc_smooth"
+
+
 def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     """Every ``aten.linear`` whose weight is a ``get_attr`` of a parameter, in graph order."""
     sites = []
@@ -56,6 +61,37 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 sites.append(LinearSite(node, layer_path(weight.target), weight.target))
     return sites
+
+
+def substitute_linears(
+    gm: fx.GraphModule,
+    make: Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.nn.Module | None],
+) -> dict[str, torch.nn.Module]:
+    """Replace every ``aten.linear`` for which ``make(layer, weight, bias, in_scale)`` returns a
+    module by a call of that module; a SmoothQuant multiplier in front of the linear is taken into
+    the call (its inverse scale is the ``in_scale`` given to ``make``). Returns the modules by layer."""
+    modules = {}
+    for site in linear_sites(gm):
+        node = site.node
+        x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
+        in_scale = None
+        if isinstance(x, fx.Node) and x.meta.get(SMOOTH_META):
+            x, inv = x.args
+            in_scale = gm.get_buffer(inv.target)
+        module = make(site.layer, gm.get_parameter(site.weight_target),
+                      None if bias is None else gm.get_parameter(bias.target), in_scale)
+        if module is None:
+            continue
+        name = f"substituted_{len(modules)}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (x,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        modules[site.layer] = module
+    finalize(gm)
+    return modules
 
 
 class LayerFilter:
