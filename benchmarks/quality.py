@@ -47,12 +47,17 @@ LADDER = {
     "+ MSAD": {**S2Q, "msad_global": 1.0, "msad_local": 1.0},
     # qsc's variant of the salient selection: the most salient samples of every step alike.
     "salient per step (qsc) + sparse-token": {**TOKEN, "calib_selection": "salient-per-step"},
+    # GPTQ's error compensation (pass compensate_weights) alone, and on top of S2Q-VDiT: the
+    # ``w4a8-s2q`` / ``w4a6-s2q`` presets as qsc ships them.
+    "RTN + error compensation (GPTQ)": {"smooth_quant": False, "compensate_weights": True},
+    "S2Q-VDiT + error compensation (qsc preset)": {**S2Q, "compensate_weights": True},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {
-    "PTQ + sparse (no correction)": {"learn_scales": False, "ssar_tau": 0},
-    "PTQ + sparse + SSAR": {"learn_scales": False},
-    "QuantSparse (MSAD + sparse + SSAR)": {},
+    "PTQ + sparse (no correction)": {"learn_scales": False, "ssar_tau": 0, "compensate_weights": False},
+    "PTQ + sparse + SSAR": {"learn_scales": False, "compensate_weights": False},
+    "QuantSparse (MSAD + sparse + SSAR)": {"compensate_weights": False},
+    "QuantSparse + error compensation (qsc preset)": {},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
