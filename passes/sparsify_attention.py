@@ -12,7 +12,9 @@ warns with the figure achieved.
 A video DiT's heads are local in space (a band around the diagonal in frame-major token order) or
 in time (the same position across frames: bands one frame apart); the measured mass finds either
 shape, and mixtures, without being told the frame layout. The layout is static: a bool buffer of
-the program, the same at every step (SSAR's residual makes up for what it drops).
+the program, the same at every step (SSAR's residual makes up for what it drops), and holds for
+the calibrated token count only: not knowing the frame layout, it cannot be moved to another tile
+grid, so ``fixed_sizes`` has the compile export the sizes the token count depends on as calibrated.
 
 Each rewritten ``aten.scaled_dot_product_attention`` becomes ``qsc::sparse_attention(q, k, v,
 layout)``. Layers matching ``config.dense_attention`` stay dense. Produces ``attention_layouts``:
@@ -24,10 +26,12 @@ from __future__ import annotations
 import math
 import warnings
 
+import sympy
 import torch
 from torch import fx
 
 from qsc.backends.reference import SPARSE_BLOCK_M, SPARSE_BLOCK_N
+from qsc.config import CompileConfig
 from qsc.errors import CalibrationError, ConfigError
 from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, attention_sites, finalize, register_buffer
 from qsc.pipeline import Pass, PassContext, PassResult
@@ -105,9 +109,14 @@ class SparsifyAttention(Pass):
     requires = ("calibration",)
     produces = ("attention_layouts",)
 
+    def fixed_sizes(self, gm: fx.GraphModule, config: CompileConfig) -> set[sympy.Symbol]:
+        """The symbols the token counts of the layers to sparsify depend on (frames, height and
+        width; not the batch, nor the text of cross-attention, which stays dense): a layout is
+        measured for one tile grid."""
+        return set().union(*(_length_symbols(site) for site in _sparsified(gm, config)))
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        keep_dense = LayerFilter(ctx.config.dense_attention, ())
-        sites = [s for s in attention_sites(gm) if not keep_dense(s.layer)]
+        sites = _sparsified(gm, ctx.config)
         for site in sites:
             _check_fixed_length(site)
         masses = {s.node: TileMass() for s in sites}
@@ -129,11 +138,23 @@ class SparsifyAttention(Pass):
         return PassResult(finalize(gm), modified=bool(layouts))
 
 
+def _sparsified(gm: fx.GraphModule, config: CompileConfig) -> list[AttentionSite]:
+    keep_dense = LayerFilter(config.dense_attention, ())
+    return [s for s in attention_sites(gm) if not keep_dense(s.layer)]
+
+
+def _length_symbols(site: AttentionSite) -> set[sympy.Symbol]:
+    """The symbols the token count of ``site`` depends on; none where it is a number (a size the
+    export specialized may still be a ``SymInt`` of a constant)."""
+    length = site.node.args[0].meta["val"].shape[-2]
+    return set(length.node.expr.free_symbols) if isinstance(length, torch.SymInt) else set()
+
+
 def _check_fixed_length(site: AttentionSite) -> None:
     """A layout is measured for one sequence length; Mochi's joint attention, which keeps each
     sample's unmasked text tokens (``nonzero``), has a length only the inputs' values decide."""
-    length = site.node.args[0].meta["val"].shape[-2]
-    if not isinstance(length, int):
+    if _length_symbols(site):  # fixed_sizes fixed those of the inputs' sizes: what is left is data's
+        length = site.node.args[0].meta["val"].shape[-2]
         raise ConfigError(
             f"sparsify_attention: attention layer '{site.layer}' attends over {length} tokens, a number the "
             f"inputs' values decide (tokens selected by a mask): a block-sparse layout needs a fixed length; "

@@ -60,6 +60,7 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
             "source": result.source,
             "config": result.config.to_dict(),
             "inputs": ProgramInputs.from_example(result.example_inputs, result.dynamic_dims).to_manifest(),
+            "dims": {name: list(bounds) for name, bounds in result.dim_ranges.items()},
             "layers": result.layers,
             "attention": result.attention,
             "sizes": result.sizes,

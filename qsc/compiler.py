@@ -6,8 +6,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import sympy
 import torch
 from torch import fx
 
@@ -32,7 +33,7 @@ from .frontend import (
     program_teacher,
 )
 from .graph import deepcopy, state_inputs
-from .shapes import graph_dynamic_dims, named_dims
+from .shapes import named_dims, reexport_dims
 from .instruments import DumpIR, NumericCheck, Timing
 from .models import synthetic_calibration
 from .pipeline import PassContext, PassManager, Progress, no_progress
@@ -60,6 +61,7 @@ class CompileResult:
     refresh_program: torch.export.ExportedProgram | None = None  # SSAR's dense refresh (qsc.runtime)
     calibration: dict[str, Any] | None = None  # the samples select_calibration chose, where it ran
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {dim: name} left symbolic
+    dim_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # name -> sizes the program takes
     constants: dict[str, Any] = field(default_factory=dict)  # non-tensor arguments compiled in (qsc.calibration)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -92,8 +94,13 @@ def compile(
     """
     start = time.perf_counter()
     cfg = _resolve(preset, config)
+    from qsc.passes import pipeline_for
+    from qsc.passes.second_order_reparam import refresh_graph
+
+    passes = pipeline_for(cfg)
     source = _as_source(model, load_options)
-    teacher, calib, fp_out = _trace(source, _calibration(calibration, source, cfg))
+    teacher, calib, fp_out = _trace(source, _calibration(calibration, source, cfg),
+                                    lambda gm: set().union(*(p.fixed_sizes(gm, cfg) for p in passes)))
     sample = calib.sample(0)
 
     ctx = PassContext(cfg, calib, teacher, progress=progress,
@@ -105,10 +112,7 @@ def compile(
         instruments.append(NumericCheck(sample, fp_out))
     backends.enable(cfg.backend)
 
-    from qsc.passes import pipeline_for
-    from qsc.passes.second_order_reparam import refresh_graph
-
-    gm = PassManager(pipeline_for(cfg), instruments).run(_working_copy(teacher), ctx)
+    gm = PassManager(passes, instruments).run(_working_copy(teacher), ctx)
     # State the program threads (SSAR's caches) is zero at the first step: sparse, uncorrected.
     state = state_inputs(gm, sample)
     program = _reexport(gm, {**sample, **state})
@@ -116,11 +120,13 @@ def compile(
     with torch.no_grad():
         out = module(**sample, **state)
     refresh_program = _reexport(refresh_graph(gm), sample) if "ssar_caches" in ctx.analyses else None
+    dynamic_dims, dim_ranges = named_dims(program, sample)
     return CompileResult(
         module=module if refresh_program is None else SSARRuntime.of(program, refresh_program, cfg),
         program=program,
         refresh_program=refresh_program,
-        dynamic_dims=named_dims(graph_dynamic_dims(program.graph_module), list(sample)),
+        dynamic_dims=dynamic_dims,
+        dim_ranges=dim_ranges,
         config=cfg,
         source=source.description,
         example_inputs=sample,
@@ -135,9 +141,11 @@ def compile(
     )
 
 
-def _trace(source: ModelSource, calib: CalibrationSet) -> tuple[fx.GraphModule, CalibrationSet, torch.Tensor]:
-    """The FP graph, the calibration set in the model's dtype and input order, and the FP output
-    of its first sample (running the model once first turns a shape mismatch into a clear error)."""
+def _trace(source: ModelSource, calib: CalibrationSet,
+           fixed: Callable[[fx.GraphModule], set[sympy.Symbol]]) -> tuple[fx.GraphModule, CalibrationSet, torch.Tensor]:
+    """The FP graph (with the sizes open that the model and the symbols ``fixed`` names leave
+    open), the calibration set in the model's dtype and input order, and the FP output of its first
+    sample (running the model once first turns a shape mismatch into a clear error)."""
     if source.program is not None:
         if calib.constants:
             raise InputError(f"the calibration data sets {list(calib.constants)}, which a .pt2 program fixed "
@@ -146,12 +154,12 @@ def _trace(source: ModelSource, calib: CalibrationSet) -> tuple[fx.GraphModule, 
         inputs = cast_inputs(match_program_inputs(source.program, calib.inputs), model_dtype(adapter))
         calib = CalibrationSet(inputs, calib.outputs, calib.records)
         fp_out = check_inputs_fit(adapter, calib.sample(0))
-        return program_teacher(adapter, source.program, calib.sample(0)), calib, fp_out
+        return program_teacher(adapter, source.program, calib.sample(0), fixed), calib, fp_out
     adapter = DenoiserAdapter(source.module, calib.constants).eval()
     inputs = cast_inputs(calib.inputs, model_dtype(adapter))
     calib = CalibrationSet(inputs, calib.outputs, calib.records, calib.constants)
     fp_out = check_inputs_fit(adapter, calib.sample(0))
-    return export_teacher(adapter, calib.sample(0)), calib, fp_out
+    return export_teacher(adapter, calib.sample(0), fixed), calib, fp_out
 
 
 def _working_copy(teacher: fx.GraphModule) -> fx.GraphModule:
@@ -201,9 +209,9 @@ def _calibration(calibration: Any, source: ModelSource, cfg: CompileConfig) -> C
 
 def _reexport(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
     """Export the compressed graph again: proves it is still a program, and is what gets saved. The
-    dimensions the graph leaves symbolic (the batch) stay symbolic."""
+    dimensions the graph leaves symbolic stay symbolic."""
     try:
-        return export_program(gm, sample, graph_dynamic_dims(gm))
+        return export_program(gm, sample, reexport_dims(gm))
     except Exception as e:
         raise ExportError(f"the compressed graph no longer exports (a qsc bug): {type(e).__name__}: {e}") from e
 

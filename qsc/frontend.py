@@ -21,14 +21,23 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import sympy
 import torch
 from torch import fx
 
 from .errors import ExportError, InputError
 from .models import architecture_class
-from .shapes import DynamicDims, batch_dims, batched_example, export_dynamic_shapes, graph_dynamic_dims
+from .shapes import (
+    DynamicDims,
+    batch_dims,
+    batched_example,
+    export_dynamic_shapes,
+    graph_dynamic_dims,
+    open_dims,
+    reexport_dims,
+)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 
@@ -135,12 +144,13 @@ class ProgramAdapter(torch.nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def program_teacher(adapter: ProgramAdapter, program: torch.export.ExportedProgram,
-                    sample: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """The FP graph of a .pt2 program, as a keyword program. Its shapes stay those it was exported
-    with: a program exported for fixed shapes has no batch to open (and says so in its guards)."""
+def program_teacher(adapter: ProgramAdapter, program: torch.export.ExportedProgram, sample: dict[str, torch.Tensor],
+                    fixed: Callable[[fx.GraphModule], set[sympy.Symbol]] | None = None) -> fx.GraphModule:
+    """The FP graph of a .pt2 program, as a keyword program. A program exported for fixed shapes
+    keeps them (it has no size to open, and says so in its guards); one with open sizes is opened
+    as ``export_teacher`` does."""
     if graph_dynamic_dims(program.graph_module):
-        return export_teacher(adapter, sample)
+        return export_teacher(adapter, sample, fixed)
     return export_graph(adapter, sample)
 
 
@@ -310,21 +320,34 @@ def export_graph(
     module: torch.nn.Module, sample: dict[str, torch.Tensor], dynamic: DynamicDims | None = None
 ) -> fx.GraphModule:
     """Non-strict ``torch.export`` with ``sample`` as example keyword inputs; the unlifted graph.
-    ``dynamic`` names the dimensions left symbolic (``qsc.shapes``; exported from a batch-2 example)."""
+    ``dynamic`` names the dimensions left open (``qsc.shapes``; exported from a batch-2 example)."""
     return export_program(module, sample, dynamic).module()
 
 
-def export_teacher(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """The FP graph compiles start from: with a symbolic batch where the model allows it, else
-    (with a warning saying why) for the calibration batch, which batched calls are split into."""
+def export_teacher(module: torch.nn.Module, sample: dict[str, torch.Tensor],
+                   fixed: Callable[[fx.GraphModule], set[sympy.Symbol]] | None = None) -> fx.GraphModule:
+    """The FP graph compiles start from: with every size open that the model leaves open
+    (``qsc.shapes``) but those depending on the symbols ``fixed(graph)`` names (the token count
+    of sparse attention), exported again as calibrated. Where the model cannot have a symbolic
+    batch, for the calibration batch (with a warning saying why), which batched calls are split into."""
     try:
-        return export_graph(module, sample, batch_dims(sample))
+        gm = _export_open(module, sample)
     except ExportError as e:
         static = export_graph(module, sample)  # a model that cannot be traced at all fails here
         reason = str(e).splitlines()[0].removeprefix("torch.export could not trace the model")
         warnings.warn(f"the model does not export with a symbolic batch{reason}; the artifact takes batch 1 "
                       f"and splits batched calls", stacklevel=2)
         return static
+    dynamic = reexport_dims(gm, fixed(gm)) if fixed else None
+    return gm if dynamic is None or dynamic == reexport_dims(gm) else export_graph(module, sample, dynamic)
+
+
+def _export_open(module: torch.nn.Module, sample: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Every size open; where the model fails with that, the batch alone (its error if that fails too)."""
+    try:
+        return export_graph(module, sample, open_dims(sample))
+    except ExportError:
+        return export_graph(module, sample, batch_dims(sample))
 
 
 def export_program(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
+import sympy
 import torch
 from torch import fx
 
@@ -83,6 +84,11 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def fixed_sizes(self, gm: fx.GraphModule, config: CompileConfig) -> set[sympy.Symbol]:
+        """The symbols of the FP graph's open input sizes this pass needs fixed at their calibrated
+        values: the compile exports the dimensions that depend on them static (``qsc.shapes``)."""
+        return set()
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"

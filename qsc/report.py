@@ -81,10 +81,11 @@ def attention_table(attention: Mapping[str, Mapping[str, Any]]) -> Table:
     return table
 
 
-def inputs_table(inputs: Mapping[str, Mapping[str, Any]]) -> Table:
-    """The artifact's inputs as its manifest records them: shape (named dimensions are free, e.g.
-    ``batch``) and dtype."""
-    table = Table(title="inputs")
+def inputs_table(inputs: Mapping[str, Mapping[str, Any]], dims: Mapping[str, list[int | None]]) -> Table:
+    """The artifact's inputs as its manifest records them: shape (named dimensions are open, e.g.
+    ``batch``, ``height``) and dtype; the caption gives each open dimension's range."""
+    ranges = (f"{name} {least}..{'' if most is None else most}" for name, (least, most) in dims.items())
+    table = Table(title="inputs", caption=f"open: {', '.join(ranges)}" if dims else None)
     for column in ("input", "shape", "dtype"):
         table.add_column(column)
     for name, info in inputs.items():

@@ -17,7 +17,9 @@ caches are explicit inputs and outputs of the programs; nothing here is hidden i
 Steps are told apart by the model's ``timestep`` input: calls with the same timestep as the call
 before are further branches of the same step (the conditional and unconditional calls of
 classifier-free guidance), each with caches of its own; a new timestep is the next step; a higher
-noise level than the last one starts a new trajectory (as ``reset()`` does).
+noise level than the last one starts a new trajectory (as ``reset()`` does). A branch whose inputs
+change shape (another batch or text length; the token count of a sparse program is fixed) starts
+over with a refresh: its caches are sized for the old shapes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class _Branch:
     dim`` of D's size each); the per-step weight scales the small ``V``.
     """
 
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the inputs the caches are for
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # D at the last refresh
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (U, V) per cache
     refreshed_at: int = -1
@@ -128,6 +131,9 @@ class SSARRuntime(torch.nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         branch = self._advance(inputs.get(TIMESTEP_INPUT))
+        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        if branch.shapes != shapes:  # another batch or text length: caches of other shapes are of no use
+            branch = self._branches[self._branch] = _Branch(shapes)
         if self.schedule.refreshes(self.step_index) or not branch.residuals:
             out, residuals = self.refresh_program(**inputs)
             branch.refresh(residuals, self.step_index, self.schedule)

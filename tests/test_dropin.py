@@ -24,8 +24,9 @@ from tiny_pipelines import COGVIDEOX_TEXT_TOKENS, cogvideox_pipeline, wan_pipeli
 PROMPT = "a red circle moving left"
 STEPS = 4
 # Video PSNR (peak 1) of the compressed pipeline against the FP one, same noise. Measured: Wan
-# W4A8 ~68 dB, Wan W4A8-sparse + SSAR ~65 dB, CogVideoX W4A8 ~48 dB; two FP videos of different
-# noise seeds are 26 dB (Wan) and 5 dB (CogVideoX) apart.
+# W4A8 ~68 dB (68.8 dB at another resolution, 96 x 64 x 9), Wan W4A8-sparse + SSAR ~65 dB,
+# CogVideoX W4A8 ~48 dB; two FP videos of different noise seeds are 26 dB (Wan) and 5 dB
+# (CogVideoX) apart.
 MIN_PSNR = {"wan": 55.0, "wan-sparse": 55.0, "cogvideox": 40.0}
 CASES = {
     "guidance": dict(guidance_scale=5.0),
@@ -92,6 +93,29 @@ def test_cogvideox_pipeline_runs_the_artifact_as_its_transformer(cogvideox, case
     assert MIN_PSNR["cogvideox"] <= psnr(video, reference, peak=1.0) < math.inf
 
 
+def test_wan_artifact_serves_the_pipeline_at_another_resolution_and_length(wan):
+    """Compiled at 64 x 64 x 5 frames (2 x 8 x 8 latents), run at 96 x 64 x 9 frames (3 x 12 x 8)."""
+    pipe, path = wan
+    other = dict(height=96, width=64, num_frames=9)
+    reference, video, _ = _compare(pipe, path, other, CASES["guidance"])
+    assert video.shape == reference.shape == (1, 9, 3, 96, 64)
+    assert MIN_PSNR["wan"] <= psnr(video, reference, peak=1.0) < math.inf
+
+
+def test_cogvideox_fixes_its_resolution_and_refuses_another_in_one_line(cogvideox):
+    """CogVideoX's sin-cos position table is built for the configured sample size: torch.export
+    specializes the latent's size to it, and the artifact keeps only the batch open."""
+    pipe, path = cogvideox
+    dropin = qsc.load(path, like=pipe.transformer)
+    shapes = {n: entry["shape"] for n, entry in dropin.compressed.manifest["inputs"].items()}
+    assert shapes["hidden_states"] == ["batch", 3, 4, 8, 8] and dropin.compressed.manifest["dims"] == {"batch": [1, None]}
+    sample = {"hidden_states": torch.randn(1, 3, 4, 16, 8), "timestep": torch.tensor([500]),
+              "encoder_hidden_states": torch.randn(1, COGVIDEOX_TEXT_TOKENS, 32)}
+    with pytest.raises(InputError, match=r"^input 'hidden_states': the artifact takes shape \[batch, 3, 4, 8, 8\], "
+                                         r"got \[1, 3, 4, 16, 8\]; only the named dimensions may change: .*qsc record"):
+        dropin(**sample)
+
+
 def test_ssar_artifact_in_the_wan_pipeline_keeps_caches_per_guidance_branch(tmp_path):
     pipe = wan_pipeline()
     path = _compiled(pipe, WAN_SPARSE_SIZE, "w4a8-sparse", tmp_path / "sparse.qsc")
@@ -128,10 +152,10 @@ def test_calls_the_artifact_cannot_serve_fail_with_one_line_naming_the_input(wan
     pipe, path = wan
     dropin = qsc.load(path, like=pipe.transformer)
     sample = qsc.record(pipe, [PROMPT], num_inference_steps=1, guidance_scale=1.0, **WAN_SIZE).sample(0)
-    bigger = torch.randn(1, 4, 2, 16, 16)
-    with pytest.raises(InputError, match=r"^input 'hidden_states': the artifact takes shape \[batch, 4, 2, 8, 8\], "
-                                         r"got \[1, 4, 2, 16, 16\]; .*qsc record") as e:
-        dropin(**{**sample, "hidden_states": bigger})
+    beyond_rope = torch.randn(1, 4, 2, 8, 72)  # 36 patches; the rotary table has 32 positions
+    with pytest.raises(InputError, match=r"^input 'hidden_states': dimension 4 \(width\) takes 2 to 65, got 72 "
+                                         r"\(shape \[1, 4, 2, 8, 72\]\); .*qsc record") as e:
+        dropin(**{**sample, "hidden_states": beyond_rope})
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match=r"^input 'timestep': the artifact takes \[batch\] float32, got int64"):
         dropin(**{**sample, "timestep": torch.tensor([500])})

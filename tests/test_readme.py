@@ -27,5 +27,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert ctx.analyses["linear_count"] == 1  # only proj_out is left a float linear
     # the pipeline section: two videos from the artifact in the pipeline, labelled recordings
     assert namespace["video"].shape[0] == 2 and torch.isfinite(namespace["video"]).all()
+    assert namespace["taller"].shape == (1, 9, 3, 96, 64)  # another resolution, the same artifact
     assert type(namespace["pipe"].transformer).__name__ == "DropInTransformer"
     assert namespace["recorded"].records[1]["branch"] == "uncond"

@@ -51,7 +51,7 @@ def test_record_compile_eval_from_the_command_line(pipeline_dir, tmp_path, monke
     result = _run("eval", artifact, "--data", calib, "-n", "2")
     assert result.exit_code == 0, result.output
     result = _run("inspect", artifact)
-    assert result.exit_code == 0 and "hidden_states" in result.output and "[batch, 4, 2, 8, 8]" in result.output
+    assert result.exit_code == 0 and "hidden_states" in result.output and "[batch, 4, frames, height, width]" in result.output
 
 
 def test_record_of_a_directory_without_a_pipeline_is_one_line(tmp_path):

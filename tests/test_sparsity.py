@@ -8,7 +8,7 @@ import torch
 
 import qsc
 from qsc.calibration import CalibrationSet
-from qsc.errors import ConfigError
+from qsc.errors import ConfigError, InputError
 from qsc.evaluate import evaluate
 from qsc.frontend import DenoiserAdapter
 from qsc.graph import state_inputs
@@ -295,10 +295,17 @@ def test_the_layers_of_a_refresh_are_factored_together_as_each_alone():
 
 # --- Presets, artifact, determinism ----------------------------------------------------------------
 
-def test_sparse_preset_artifact_round_trip_over_a_trajectory(wan, tmp_path):
+@pytest.fixture(scope="module")
+def ssar(wan, tmp_path_factory):
+    """A W8A8 compile at a quarter of the tiles, refreshed every second step, and its artifact."""
     result = _compile(wan, density=0.25, ssar_tau=2)
-    loaded = qsc.load(result.save(tmp_path / "s.qsc"))
-    assert sorted(p.name for p in (tmp_path / "s.qsc").iterdir()) == [
+    return result, result.save(tmp_path_factory.mktemp("ssar") / "s.qsc")
+
+
+def test_sparse_preset_artifact_round_trip_over_a_trajectory(wan, ssar):
+    result, path = ssar
+    loaded = qsc.load(path)
+    assert sorted(p.name for p in path.iterdir()) == [
         "manifest.json", "program.pt2", "refresh.pt2", "weights.safetensors"]
     assert loaded.manifest["attention"] == result.attention
     base = wan[1].sample(1)
@@ -308,6 +315,27 @@ def test_sparse_preset_artifact_round_trip_over_a_trajectory(wan, tmp_path):
             assert torch.equal(loaded(**x), result.module(**x))
     loaded.reset()
     assert loaded.program.step_index == -1
+
+
+def test_a_sparse_artifact_fixes_the_token_count_and_its_caches_follow_the_other_sizes(wan, ssar):
+    """The layouts are measured for 256 tokens: the latent's size is fixed and another is refused in
+    one line; batch and text stay open, and SSAR's caches start over when they change mid-trajectory."""
+    loaded = qsc.load(ssar[1])
+    assert loaded.manifest["inputs"]["hidden_states"]["shape"] == ["batch", 4, 2, 16, 32]
+    assert loaded.manifest["inputs"]["encoder_hidden_states"]["shape"] == ["batch", "text", 32]
+    base = wan[1].sample(0)
+    with pytest.raises(InputError, match=r"^input 'hidden_states': the artifact takes shape \[batch, 4, 2, 16, 32\], "
+                                         r"got \[1, 4, 2, 32, 32\]; .*sparse attention layouts.*qsc record") as e:
+        loaded(**{**base, "hidden_states": torch.randn(1, 4, 2, 32, 32)})
+    assert "\n" not in str(e.value)
+    pair = {n: torch.cat([t, t]) for n, t in base.items()}
+    short_text = {**base, "encoder_hidden_states": base["encoder_hidden_states"][:, :8]}
+    with torch.no_grad():
+        for t, inputs in ((900, base), (800, base), (700, pair), (600, short_text), (500, short_text)):
+            out = loaded(**{**inputs, "timestep": torch.full((len(inputs["hidden_states"]),), t)})
+            assert out.shape == inputs["hidden_states"].shape and torch.isfinite(out).all()
+            # a changed shape refreshes at once, however the schedule goes (step 3 of tau 2 is sparse)
+            assert loaded.program._branches[0].refreshed_at == {900: 0, 800: 0, 700: 2, 600: 3, 500: 4}[t]
 
 
 def test_same_seed_same_sparse_artifact(wan, tmp_path):
@@ -328,9 +356,9 @@ def test_w4a8_sparse_preset():
         qsc.resolve_config("w4a8", overrides={"ssar_tau": 5})
 
 
-def test_uncorrected_is_the_sparse_step_with_zero_caches_outside_the_schedule(wan, tmp_path):
+def test_uncorrected_is_the_sparse_step_with_zero_caches_outside_the_schedule(wan, ssar):
     """What ``qsc eval`` measures of an SSAR artifact: one sparse step, no correction, no state change."""
-    runtime = qsc.load(_compile(wan, density=0.25, ssar_tau=2).save(tmp_path / "s.qsc")).program
+    runtime = qsc.load(ssar[1]).program
     sample = wan[1].sample(0)
     with torch.no_grad():
         uncorrected = runtime.uncorrected(**sample)

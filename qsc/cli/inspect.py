@@ -28,18 +28,18 @@ def inspect_command(target, preset, calib, arch, model_config, trust_pickle):
     from qsc.report import attention_table, human_bytes, inputs_table, layer_table, operator_table
 
     path = Path(target)
-    attention, inputs = {}, {}
+    attention, inputs, dims = {}, {}, {}
     if (path / "manifest.json").is_file():
         graph, layers, sizes = inspect_artifact(path)
         manifest = read_manifest(path)
-        attention, inputs = manifest.get("attention", {}), manifest.get("inputs", {})
+        attention, inputs, dims = manifest.get("attention", {}), manifest.get("inputs", {}), manifest.get("dims", {})
         title = "quantized layers"
     else:
         graph, layers, sizes = inspect_model(path, preset=preset, calib=calib, arch=arch,
                                              model_config=model_config, trust_pickle=trust_pickle)
         title = "layers the preset would quantize"
     if inputs:
-        stdout.print(inputs_table(inputs))
+        stdout.print(inputs_table(inputs, dims))
     stdout.print(operator_table(graph))
     stdout.print(layer_table(layers, title=title))
     if attention:
