@@ -35,6 +35,7 @@ PROGRAM = "program.pt2"
 REFRESH = "refresh.pt2"
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+TENSORRT = "tensorrt"  # the backend that runs the artifact's engines (backends/tensorrt/engine.py)
 _CONSTANT = "constant::"  # prefix of program constants (non-persistent buffers) in WEIGHTS
 
 
@@ -91,6 +92,11 @@ class CompressedModule(torch.nn.Module):
         outputs = [self.program(**call) for call in self.inputs.split(inputs)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the program runs: its weights' device; the GPU for TensorRT engines."""
+        return torch.device("cuda") if self.backend == TENSORRT else next(iter(self.state_dict().values())).device
+
     def reset(self) -> None:
         """Forget state carried across denoising steps (SSAR's caches); a no-op without it."""
         if isinstance(self.program, SSARRuntime):
@@ -112,13 +118,32 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, *, backend: str = "auto", like: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Load an artifact as a runnable module, with the best backend here unless one is named.
+    """Load an artifact as a runnable module, with the best backend here unless one is named;
+    ``backend="tensorrt"`` runs the artifact's TensorRT engines (``qsc export --format tensorrt``)
+    instead of its programs, where TensorRT and a GPU are.
 
     ``like``: the FP diffusers transformer the artifact replaces (``pipe.transformer``); the
     result is then a ``qsc.dropin.DropInTransformer`` that the pipeline calls as it calls the
     original (``pipe.transformer = qsc.load(path, like=pipe.transformer)``)."""
     path = Path(path)
     manifest = read_manifest(path)
+    if backend == TENSORRT:
+        from .backends.tensorrt import engine
+
+        module = engine.load_artifact(path, manifest)
+    else:
+        backend = backends.best_available() if backend == "auto" else backend
+        module = _load_programs(path, manifest, backend)
+    compressed = CompressedModule(module, manifest, backend).requires_grad_(False)
+    if like is None:
+        return compressed
+    from .dropin import DropInTransformer
+
+    return DropInTransformer(compressed, like)
+
+
+def _load_programs(path: Path, manifest: dict[str, Any], backend: str) -> torch.nn.Module:
+    """The artifact's programs with their weights (hashes checked), run by ``backend``."""
     for name, digest in manifest["files"].items():
         if not (path / name).is_file():
             raise InputError(f"{path}: {name} is missing")
@@ -134,18 +159,10 @@ def load(path: str | Path, *, backend: str = "auto", like: torch.nn.Module | Non
         if name in manifest["files"]:
             programs[name] = torch.export.load(path / name)
             _restore_weights(programs[name], weights, path / name)
-    backend = backends.best_available() if backend == "auto" else backend
     backends.enable(backend)
     if REFRESH in programs:
-        module = SSARRuntime.of(programs[PROGRAM], programs[REFRESH], CompileConfig(**_config_fields(manifest)))
-    else:
-        module = programs[PROGRAM].module()
-    compressed = CompressedModule(module, manifest, backend).requires_grad_(False)
-    if like is None:
-        return compressed
-    from .dropin import DropInTransformer
-
-    return DropInTransformer(compressed, like)
+        return SSARRuntime.of(programs[PROGRAM], programs[REFRESH], CompileConfig(**_config_fields(manifest)))
+    return programs[PROGRAM].module()
 
 
 def _config_fields(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class DropInTransformer(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.compressed.state_dict().values())).device
+        return self.compressed.device
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_: Any) -> Iterator[None]:

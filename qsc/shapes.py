@@ -122,8 +122,8 @@ def named_dims(program: torch.export.ExportedProgram,
     doc; a size derived from another reads ``2*height``), and the range of sizes the program takes for each
     name: how the manifest and ``qsc inspect`` show them, and what a loaded artifact checks calls
     against."""
-    dynamic = {n: spec for n, spec in _input_expressions(program.graph_module).items() if n in example}
-    names = _symbol_names(dynamic, {n: t.dim() for n, t in example.items()})
+    dynamic = _example_expressions(program, example)
+    names = symbol_names(program, example)
     renamed = {n: {i: str(e.subs(names)) for i, e in spec.items()} for n, spec in dynamic.items()}
     ranges = {
         str(names[symbol]): (int(bounds.lower), int(bounds.upper) if bounds.upper.is_Integer else None)
@@ -132,19 +132,25 @@ def named_dims(program: torch.export.ExportedProgram,
     return renamed, ranges
 
 
-def _symbol_names(dynamic: Mapping[str, Mapping[int, sympy.Expr]],
-                  ranks: Mapping[str, int]) -> dict[sympy.Symbol, sympy.Symbol]:
-    """A readable name for every symbol of ``dynamic``, the first input and dimension it appears
-    at deciding."""
+def symbol_names(program: torch.export.ExportedProgram,
+                 example: Mapping[str, torch.Tensor]) -> dict[sympy.Symbol, sympy.Symbol]:
+    """A readable name for every symbol in the shapes of ``program``'s inputs ``example`` (see the
+    module doc), the first input and dimension it appears at deciding."""
+    dynamic = _example_expressions(program, example)
     batch_symbol = _batch_symbol(dynamic)
     names = {}
     for n, spec in dynamic.items():
         for i, e in spec.items():
             for symbol in sorted(e.free_symbols - names.keys(), key=str):
-                name = BATCH if symbol == batch_symbol else _axis_name(n, i, ranks[n])
+                name = BATCH if symbol == batch_symbol else _axis_name(n, i, example[n].dim())
                 taken = sympy.Symbol(name) in names.values()
                 names[symbol] = sympy.Symbol(f"{n}_{i}" if taken else name)  # two text inputs: one "text"
     return names
+
+
+def _example_expressions(program: torch.export.ExportedProgram,
+                         example: Mapping[str, torch.Tensor]) -> dict[str, dict[int, sympy.Expr]]:
+    return {n: spec for n, spec in _input_expressions(program.graph_module).items() if n in example}
 
 
 def _axis_name(name: str, dim: int, rank: int) -> str:

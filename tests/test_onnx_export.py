@@ -1,6 +1,8 @@
 """ONNX export: the plugin-free graph run by onnxruntime against the PyTorch artifact (reference
-backend), the plugin graph with its plugin nodes bound to the reference ops in Python, SSAR's
-caches threaded across steps through the exported programs, and ``qsc export``.
+backend), also at sizes other than the exported ones, the plugin graph with its plugin nodes bound
+to the reference ops in Python, SSAR's caches threaded across steps through the exported programs,
+``qsc export``, the engine profiles made from the open dimensions, and ``qsc.load(...,
+backend="tensorrt")``: its errors here, its run where TensorRT and a GPU are.
 
 Tolerance. Outside the ``qsc::`` ops, onnxruntime and PyTorch round float32 differently (fused
 layer norms, GEMM summation order). A linear then sees inputs a few ulps apart, and where a token's
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,8 +28,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 import qsc  # noqa: E402
-from qsc.backends.tensorrt import onnx_export, ort, plugins  # noqa: E402
+from qsc.backends.tensorrt import engine, onnx_export, ort, plugins  # noqa: E402
 from qsc.cli import cli  # noqa: E402
+from qsc.errors import ConfigError  # noqa: E402
 from qsc.metrics import relative_l2  # noqa: E402
 from qsc.models import synthetic_calibration  # noqa: E402
 
@@ -108,6 +112,114 @@ def test_reference_model(artifact):
     _compare(path, _export(path, use_plugins=False), REL_L2)
 
 
+def _other_size(batch: int, frames: int, height: int, width: int, text: int, seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, frames, height, width, generator=g),
+            "timestep": torch.linspace(800, 200, batch),
+            "encoder_hidden_states": torch.randn(batch, text, 32, generator=g)}
+
+
+def test_open_dimensions_stay_open_and_onnxruntime_runs_another_batch_resolution_and_text_length(artifact):
+    path = artifact("wan", "w4a8")
+    exported = _export(path, use_plugins=False)
+    _checked(exported)
+    manifest = qsc.load(path, backend="reference").manifest
+    (program,) = json.loads((exported / onnx_export.INDEX).read_text())["programs"].values()
+    assert {v["name"]: v["shape"] for v in program["inputs"]} == {n: e["shape"] for n, e in manifest["inputs"].items()}
+    assert {n: [d["min"], d["max"]] for n, d in program["dims"].items()} == manifest["dims"]
+    assert {n: d["opt"] for n, d in program["dims"].items()} == dict(batch=2, frames=2, height=16, width=16, text=512)
+    inputs = _other_size(batch=3, frames=3, height=24, width=16, text=77)  # compiled: 2 x 16 x 16, 512 tokens
+    with torch.no_grad():
+        reference = qsc.load(path, backend="reference")(**inputs)
+    error = relative_l2(ort.load(exported)(**inputs), reference)
+    assert reference.shape == inputs["hidden_states"].shape and error <= REL_L2, error
+
+
+def test_a_sparse_program_keeps_its_token_count_static_and_batch_and_text_open(artifact):
+    path = artifact("wan", "w4a8-sparse")
+    exported = _export(path, use_plugins=False)
+    manifest = qsc.load(path, backend="reference").manifest
+    programs = json.loads((exported / onnx_export.INDEX).read_text())["programs"]
+    for program in programs.values():
+        assert program["dims"].keys() == manifest["dims"].keys() == {"batch", "text"}
+        shapes = {v["name"]: v["shape"] for v in [*program["inputs"], *program["outputs"]]}
+        assert shapes["hidden_states"] == manifest["inputs"]["hidden_states"]["shape"] == ["batch", 4, 2, 16, 16]
+        caches = [shape for name, shape in shapes.items() if name.startswith("ssar_")]
+        assert caches and all(shape[0] == "batch" and all(isinstance(d, int) for d in shape[1:]) for shape in caches)
+
+
+def test_engine_profiles_come_from_the_open_dimensions(artifact):
+    (program,) = json.loads((_export(artifact("wan", "w4a8"), use_plugins=False) / onnx_export.INDEX)
+                            .read_text())["programs"].values()
+    profile = engine.profile_shapes(program)
+    # least, traced and greatest sizes; the unbounded batch and text up to their traced sizes
+    assert profile["hidden_states"] == ((1, 4, 2, 2, 2), (2, 4, 2, 16, 16), (2, 4, 32, 65, 65))
+    assert profile["encoder_hidden_states"] == ((1, 2, 32), (2, 512, 32), (2, 512, 32))
+    assert profile["timestep"] == ((1,), (2,), (2,))
+    wider = engine.profile_shapes(program, {"batch": 4, "text": 1024, "height": 8})
+    assert wider["hidden_states"] == ((1, 4, 2, 2, 2), (2, 4, 2, 8, 16), (4, 4, 32, 8, 65))
+    assert wider["encoder_hidden_states"][2] == (4, 1024, 32)
+    derived = {"inputs": [{"name": "x", "shape": ["batch", "2*((height//2))"]}],
+               "dims": {"batch": program["dims"]["batch"], "height": program["dims"]["height"]}}
+    assert engine.profile_shapes(derived)["x"] == ((1, 2), (2, 16), (2, 64))
+    with pytest.raises(ConfigError, match=r"max_sizes names \['frame'\]"):
+        engine.profile_shapes(program, {"frame": 8})
+    with pytest.raises(ConfigError, match="max size 66 of 'width' is outside its range 2..65"):
+        engine.profile_shapes(program, {"width": 66})
+
+
+def _engine_artifact(artifact, tmp_path, engines: list[str], skipped: str | None):
+    """A copy of the tiny W4A8 Wan with its plugin graph in ``tensorrt/`` and ``engine.json`` as
+    ``qsc export --format tensorrt`` writes it (the PTX left out)."""
+    path = shutil.copytree(artifact("wan", "w4a8"), tmp_path / "wan.qsc")
+    directory = shutil.copytree(_export(artifact("wan", "w4a8"), use_plugins=True), engine.default_output(path))
+    (directory / engine.INDEX).write_text(json.dumps({"engines": engines, "skipped": skipped}))
+    for name in engines:
+        (directory / name).write_bytes(b"")
+    return path, directory
+
+
+def test_loading_engines_that_were_never_built_says_why_and_how_to_build_them(artifact, tmp_path):
+    with pytest.raises(ConfigError, match=r"has no TensorRT engines \(no .*engine.json\); build them where "
+                                          r"TensorRT and an NVIDIA GPU are: qsc export .* --format tensorrt"):
+        qsc.load(artifact("wan", "w8a8"), backend="tensorrt")
+    reason = "TensorRT engines need the 'tensorrt' package"
+    path, _ = _engine_artifact(artifact, tmp_path, [], reason)
+    with pytest.raises(ConfigError) as raised:
+        qsc.load(path, backend="tensorrt")
+    message = str(raised.value)
+    assert f"the export skipped them ({reason})" in message and "build_engines(" in message and "\n" not in message
+
+
+@pytest.mark.skipif(engine.missing() is None, reason="TensorRT and a GPU are here: the engines run in the test below")
+def test_loading_built_engines_without_tensorrt_or_a_gpu_raises_the_one_error(artifact, tmp_path):
+    path, directory = _engine_artifact(artifact, tmp_path, ["model.engine"], None)
+    with pytest.raises(ConfigError) as raised:
+        qsc.load(path, backend="tensorrt")
+    assert str(raised.value) == engine.missing()
+    index = json.loads((directory / onnx_export.INDEX).read_text())
+    index["artifact_files"]["weights.safetensors"] = "0" * 64  # exported from an earlier compile
+    (directory / onnx_export.INDEX).write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="were built from another compile of"):
+        qsc.load(path, backend="tensorrt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(engine.missing() is not None, reason=f"needs what this machine lacks: {engine.missing()}")
+def test_tensorrt_engines_run_as_the_artifact_at_the_exported_and_another_size(artifact, tmp_path):
+    path = shutil.copytree(artifact("wan", "w4a8"), tmp_path / "wan.qsc")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiling kernels needs Triton
+    done = subprocess.run([sys.executable, "-c", "from qsc.cli import main; main()", "export", str(path),
+                           "--format", "tensorrt", "--max-size", "batch=3", "--max-size", "text=512"],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    engines, expected = qsc.load(path, backend="tensorrt"), qsc.load(path, backend="reference")
+    for inputs in (_other_size(2, 2, 16, 16, 512), _other_size(3, 3, 24, 16, 77)):
+        with torch.no_grad():
+            error = relative_l2(engines(**inputs).cpu(), expected(**inputs))
+        assert error <= REL_L2, error
+
+
 def test_int4_weights_are_int4_initializers_read_by_blocked_dequantization(artifact):
     path = artifact("wan", "w4a8")
     (graph,) = _checked(_export(path, use_plugins=False))
@@ -187,6 +299,16 @@ def test_cli_export_writes_the_same_bytes_as_the_api(artifact, tmp_path):
         assert (out / name).read_bytes() == (_export(path, use_plugins=False) / name).read_bytes(), name
     refused = run()
     assert refused.exit_code == 2 and "--force" in refused.output
+
+
+def test_cli_max_size_is_dim_equals_size_and_only_for_engines(artifact):
+    from click.testing import CliRunner
+
+    path = str(artifact("wan", "w8a8"))
+    onnx_only = CliRunner().invoke(cli, ["export", path, "--max-size", "batch=4"])
+    assert onnx_only.exit_code == 2 and "use it with --format tensorrt" in onnx_only.output
+    malformed = CliRunner().invoke(cli, ["export", path, "--format", "tensorrt", "--max-size", "batch"])
+    assert malformed.exit_code == 2 and "'batch' is not DIM=N" in malformed.output
 
 
 @pytest.mark.slow

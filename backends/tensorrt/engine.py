@@ -8,8 +8,10 @@ skipped and ``skipped`` in ``engine.json`` says why; the ONNX and PTX are comple
 ``build_engines`` on a machine with TensorRT and a GPU finishes the job from them.
 
 An engine is built from a strongly typed network (the ONNX types are the engine's types: no
-precision is chosen by TensorRT), with an optimization profile where the graph has dynamic
-dimensions. The runner binds a program's inputs and outputs by name, as ``onnx.json`` lists them.
+precision is chosen by TensorRT), with an optimization profile over the program's open dimensions
+(``profile_shapes``, from the ranges in ``onnx.json``). The runner binds a program's inputs and
+outputs by name, as ``onnx.json`` lists them; ``load_artifact`` is ``qsc.load(path,
+backend="tensorrt")``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
+import sympy
 import torch
 
-from qsc.errors import ConfigError, ExportError
+from qsc.errors import ConfigError, ExportError, InputError
 from qsc.fsutil import atomic_directory
 
 PACKAGE = "plugins"
@@ -51,23 +55,32 @@ def missing() -> str | None:
     return None
 
 
-def export_engine(artifact: str | Path, output: str | Path, *, overwrite: bool = False) -> dict:
+def export_engine(artifact: str | Path, output: str | Path, *, overwrite: bool = False,
+                  max_sizes: Mapping[str, int] | None = None) -> dict:
     """The plugin graph of ``artifact``, its plugins' PTX and, where possible, its engines, in the
-    directory ``output``; returns ``engine.json`` (``engines`` written, or why ``skipped``)."""
+    directory ``output``; returns ``engine.json`` (``engines`` written, or why ``skipped``).
+    ``max_sizes``: as for ``build_engines``."""
     from . import aot_plugins, onnx_export
 
     models, index = onnx_export.export_models(artifact, use_plugins=True)
+    for signature in index["programs"].values():  # a wrong max_sizes fails here, not at a later build
+        profile_shapes(signature, max_sizes)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         onnx_export.write(tmp, models, index)
         aot_plugins.write_package(tmp / PACKAGE, models.values())
         reason = missing()
-        record = {"engines": [] if reason else build_engines(tmp), "skipped": reason}
-        (tmp / INDEX).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if reason:
+            _write_record(tmp, [], reason)
+        else:
+            build_engines(tmp, max_sizes)
+        record = json.loads((tmp / INDEX).read_text())
     return record
 
 
-def build_engines(directory: str | Path) -> list[str]:
-    """Build an engine for each ONNX program of an export (``plugins/`` beside them)."""
+def build_engines(directory: str | Path, max_sizes: Mapping[str, int] | None = None) -> list[str]:
+    """Build an engine for each ONNX program of an export (``plugins/`` beside them) and record
+    them in ``engine.json``. ``max_sizes``: the greatest size of open dimensions by name
+    (``profile_shapes``), e.g. ``{"batch": 4, "text": 512}``."""
     require_tensorrt()
     from . import onnx_export, trt_plugins
 
@@ -76,15 +89,51 @@ def build_engines(directory: str | Path) -> list[str]:
     trt_plugins.register(directory / PACKAGE)
     built = []
     for onnx_name, signature in index["programs"].items():
-        sizes = {v["name"]: v["shape"] for v in signature["inputs"]}
-        (directory / ENGINES[onnx_name]).write_bytes(build_engine(directory / onnx_name, sizes))
+        shapes = profile_shapes(signature, max_sizes)
+        (directory / ENGINES[onnx_name]).write_bytes(build_engine(directory / onnx_name, shapes))
         built.append(ENGINES[onnx_name])
+    _write_record(directory, built, None)
     return built
 
 
-def build_engine(onnx_path: Path, sizes: dict[str, list]) -> bytes:
-    """The serialized engine of one ONNX program (qsc's plugins registered); ``sizes``: each
-    input's shape at export, what a dynamic dimension is tuned for."""
+def _write_record(directory: Path, engines: list[str], skipped: str | None) -> None:
+    record = {"engines": engines, "skipped": skipped}
+    (directory / INDEX).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) shape
+
+
+def profile_shapes(signature: Mapping[str, Any], max_sizes: Mapping[str, int] | None = None) -> dict[str, Profile]:
+    """The optimization profile of one program from its ``onnx.json`` entry: the (min, opt, max)
+    shape of each input with an open dimension. An open dimension runs from its least size to its
+    greatest, tuned at the size the export was traced at. TensorRT needs a greatest size, and
+    memory is planned for it: an unbounded dimension (the batch, the text length) gets its traced
+    size unless ``max_sizes`` names one; ``max_sizes`` may also narrow a bounded dimension."""
+    dims, max_sizes = signature["dims"], dict(max_sizes or {})
+    unknown = sorted(set(max_sizes) - set(dims))
+    if unknown:
+        raise ConfigError(f"max_sizes names {unknown}: the open dimensions of this program are {sorted(dims)}")
+    bounds = {}
+    for name, d in dims.items():
+        most = max_sizes.get(name, d["opt"] if d["max"] is None else d["max"])
+        if most < d["min"] or (d["max"] is not None and most > d["max"]):
+            raise ConfigError(f"max size {most} of {name!r} is outside its range {d['min']}..{d['max'] or ''}")
+        bounds[name] = (d["min"], min(d["opt"], most), most)
+    symbols = {name: sympy.Symbol(name) for name in dims}
+
+    def size(dim: int | str, k: int) -> int:  # a size, a name or an expression of names (2*height)
+        if isinstance(dim, int):
+            return dim
+        return int(sympy.sympify(dim, locals=symbols).subs({symbols[n]: b[k] for n, b in bounds.items()}))
+
+    return {v["name"]: tuple(tuple(size(d, k) for d in v["shape"]) for k in range(3))
+            for v in signature["inputs"] if not all(isinstance(d, int) for d in v["shape"])}
+
+
+def build_engine(onnx_path: Path, shapes: Mapping[str, Profile]) -> bytes:
+    """The serialized engine of one ONNX program (qsc's plugins registered); ``shapes``: the
+    optimization profile (``profile_shapes``)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -95,8 +144,10 @@ def build_engine(onnx_path: Path, sizes: dict[str, list]) -> bytes:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    profile = _profile(builder, network, sizes)
-    if profile is not None:
+    if shapes:  # a program with open dimensions
+        profile = builder.create_optimization_profile()
+        for name, (least, opt, most) in shapes.items():
+            profile.set_shape(name, least, opt, most)
         config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
@@ -104,21 +155,25 @@ def build_engine(onnx_path: Path, sizes: dict[str, list]) -> bytes:
     return bytes(engine)
 
 
-def _profile(builder, network, sizes: dict[str, list]):
-    """An optimization profile over the dynamic dimensions (-1) of the network's inputs: from 1 up
-    to, and tuned at, the size of the export. None when every dimension is static."""
-    profile, dynamic = builder.create_optimization_profile(), False
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        if -1 not in shape:
-            continue
-        exported = sizes.get(tensor.name, [])
-        if not all(isinstance(d, int) for d in exported):
-            raise ExportError(f"input {tensor.name!r} has a dynamic dimension and no exported size to tune for")
-        dynamic = True
-        profile.set_shape(tensor.name, tuple(1 if d == -1 else d for d in shape), tuple(exported), tuple(exported))
-    return profile if dynamic else None
+def load_artifact(path: Path, manifest: Mapping[str, Any]):
+    """The engines of the artifact ``path`` (in ``path/tensorrt``, ``qsc export --format tensorrt``)
+    as a callable model (``load``), for ``qsc.load(path, backend="tensorrt")``; one error that says
+    why where they cannot run: no export, engines skipped at export (and why), engines from another
+    compile of the artifact, no TensorRT or no GPU here."""
+    from . import onnx_export
+
+    directory = default_output(path)
+    build = (f"build them where TensorRT and an NVIDIA GPU are: qsc export {path} --format tensorrt --force "
+             f"(or qsc.backends.tensorrt.engine.build_engines('{directory}'))")
+    if not (directory / INDEX).is_file():
+        raise ConfigError(f"{path} has no TensorRT engines (no {directory / INDEX}); {build}")
+    skipped = json.loads((directory / INDEX).read_text())["skipped"]
+    if skipped:
+        raise ConfigError(f"{path} has no TensorRT engines: the export skipped them ({skipped.rstrip('.')}); {build}")
+    if onnx_export.read_index(directory)["artifact_files"] != manifest["files"]:
+        raise ConfigError(f"the engines in {directory} were built from another compile of {path}; {build}")
+    require_tensorrt()
+    return load(directory)
 
 
 def load(directory: str | Path):
@@ -156,7 +211,9 @@ class EngineProgram:
         for name in self.input_names:
             tensor = inputs[name].cuda().contiguous()
             kept.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise InputError(f"input '{name}': shape {list(tensor.shape)} is outside the engine's optimization "
+                                 f"profile: build the engines with larger max_sizes (engine.build_engines)")
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
         for name in self.output_names:

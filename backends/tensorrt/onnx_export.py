@@ -7,13 +7,22 @@ exporter knows. The programs' inputs and outputs stay as they are, so SSAR's cac
 graph inputs of the step program and its residuals outputs of the refresh program, under the same
 names (``ssar_<layer>``, ``ssar_<layer>_u``, ``ssar_<layer>_v``).
 
+The graphs keep the dimensions the program leaves open (``qsc.shapes``) as symbolic ONNX dimensions
+named as in the artifact's manifest (``batch``, ``frames``, ``height``, ``width``, ``text``; an
+expression such as ``2*height`` for a derived size); what a program fixes (a sparse program's
+token count) is a number.
+
 The output directory holds the ONNX files and ``onnx.json``, which says what each file takes and
-returns and carries the SSAR schedule a deployment loop follows.
+returns (a shape lists sizes and dimension names), each program's open dimensions with their
+least and greatest size and the size the export was traced at (``min``, ``max``: null when
+unbounded, ``opt``): what an engine's optimization profile is made from; and the SSAR schedule a
+deployment loop follows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +32,14 @@ import onnx_ir as ir
 import torch
 from torch.utils import _pytree as pytree
 
-from qsc import quant
+from qsc import quant, shapes
 from qsc.errors import ExportError, InputError
 from qsc.fsutil import atomic_directory
 from qsc.runtime import SSARRuntime, SSARSchedule
 
 from . import plugins, standard
 
-FORMAT = "qsc-onnx/1"
+FORMAT = "qsc-onnx/2"  # 2: open dimensions
 OPSET = 21  # blocked DequantizeLinear (per-group weight scales) and INT4 appear in opset 21
 INDEX = "onnx.json"
 PROGRAM, REFRESH = "program.onnx", "refresh.onnx"
@@ -60,14 +69,15 @@ def export_models(artifact: str | Path, *, use_plugins: bool) -> tuple[dict[str,
     module = qsc.load(artifact, backend="reference")
     programs = _programs(module.program)
     table = translations(plugins if use_plugins else standard)
-    models = {name: to_onnx(gm, table) for name, gm in programs.items()}
+    exported = {name: to_onnx(gm, table) for name, gm in programs.items()}
+    models = {name: model for name, (model, _) in exported.items()}
     config = module.manifest["config"]
     index = {
         "format": FORMAT,
         "opset": OPSET,
         "plugins": sorted(plugins.used(models.values())) if use_plugins else [],
         "artifact_files": module.manifest["files"],
-        "programs": {name: _signature(model) for name, model in models.items()},
+        "programs": {name: {**_signature(model), "dims": dims} for name, (model, dims) in exported.items()},
         "ssar": {k: config[k] for k in ("ssar_tau", "ssar_rank", "dense_steps", "ssar_extrapolation")}
         if REFRESH in models else None,
     }
@@ -97,8 +107,8 @@ def _programs(program: torch.nn.Module) -> dict[str, torch.fx.GraphModule]:
 
 
 def example_inputs(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Zeros of every input of ``gm`` in its order (the program guards its inputs by position), a
-    dynamic dimension at the size the program was exported with: the ONNX graph has static shapes."""
+    """Zeros of every input of ``gm`` in its order (the program guards its inputs by position), an
+    open dimension at the size the program was exported with."""
     return {
         n.target: torch.zeros([_hint(d) for d in n.meta["val"].shape], dtype=n.meta["val"].dtype)
         for n in gm.graph.nodes if n.op == "placeholder"
@@ -109,12 +119,14 @@ def _hint(dim: int | torch.SymInt) -> int:
     return dim if isinstance(dim, int) else dim.node.hint
 
 
-def to_onnx(gm: torch.fx.GraphModule, table: dict) -> ir.Model:
-    """One program as an ONNX model: inputs named as the program's, outputs ``output`` then the
-    names of a returned dict's keys (the refresh program's residuals)."""
+def to_onnx(gm: torch.fx.GraphModule, table: dict) -> tuple[ir.Model, dict[str, dict[str, int | None]]]:
+    """One program as an ONNX model, and its open dimensions' ranges (``onnx.json``'s ``dims``):
+    inputs named as the program's, outputs ``output`` then the names of a returned dict's keys (the
+    refresh program's residuals); the dimensions ``gm`` leaves open stay open, under their names."""
     inputs = example_inputs(gm)
+    dynamic_shapes = shapes.export_dynamic_shapes(shapes.reexport_dims(gm), list(inputs))
     try:
-        program = torch.export.export(gm, (), kwargs=inputs, strict=False)
+        program = torch.export.export(gm, (), kwargs=inputs, dynamic_shapes=dynamic_shapes, strict=False)
         onnx_program = torch.onnx.export(program, kwargs=inputs, dynamo=True, opset_version=OPSET,
                                          custom_translation_table=table, verbose=False)
     except ExportError:
@@ -127,7 +139,30 @@ def to_onnx(gm: torch.fx.GraphModule, table: dict) -> ir.Model:
     fold_constants(model)
     bool_where_as_logic(model)
     type_plugin_outputs(model)
-    return model
+    names = shapes.symbol_names(program, inputs)
+    name_dims(model, {str(symbol): str(name) for symbol, name in names.items()})
+    return model, dim_ranges(program, inputs, names)
+
+
+def dim_ranges(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
+               names: dict) -> dict[str, dict[str, int | None]]:
+    """Each open dimension's least and greatest size (None: unbounded) and its size in ``inputs``."""
+    _, ranges = shapes.named_dims(program, inputs)
+    traced = {str(names[s]): size for s, size in shapes.symbol_sizes(program.graph_module, inputs).items()}
+    return {name: {"min": least, "opt": traced[name], "max": most} for name, (least, most) in ranges.items()}
+
+
+def name_dims(model: ir.Model, names: dict[str, str]) -> None:
+    """Rename the exporter's symbolic dimensions (``s47``, ``2*((s20//2))``) by ``names`` (symbol
+    -> ``batch``, ``height``, ...) in every shape of the graph."""
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in value.shape):
+            value.shape = ir.Shape([
+                ir.SymbolicDim(symbol.sub(lambda m: names[m.group(1)], d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape])
 
 
 def _output_names(program: torch.export.ExportedProgram) -> list[str]:
@@ -216,7 +251,8 @@ def bool_where_as_logic(model: ir.Model) -> None:
 
 def _signature(model: ir.Model) -> dict[str, Any]:
     def describe(values):  # in the graph's order, the order the program takes its inputs in
-        return [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype.name.lower()} for v in values]
+        return [{"name": v.name, "shape": [d if isinstance(d, int) else d.value for d in v.shape],
+                 "dtype": v.dtype.name.lower()} for v in values]
 
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
