@@ -2,6 +2,8 @@
 
 * ``reference``: plain PyTorch on any device; the numerical truth and the default off-GPU.
 * ``triton``: Triton kernels registered as the CUDA implementations of the ops.
+* ``tensorrt``: engines built from the artifact's ONNX export (``backends/tensorrt``); inside
+  PyTorch its programs run the reference ops.
 
 ``inductor`` is no backend of its own: it prepares a program for ``torch.compile`` with either.
 """
@@ -14,7 +16,7 @@ import torch
 
 def enable(name: str) -> None:
     """Make backend ``name`` provide the ``qsc::`` op kernels on the devices it serves."""
-    if name == "reference":
+    if name in ("reference", "tensorrt"):
         return  # the ops' default implementation
     from qsc.errors import ConfigError
 

@@ -71,6 +71,10 @@ def save_artifact(result: Any, path: str | Path, *, overwrite: bool = False) -> 
             "files": {name: _sha256(tmp / name) for name in (*programs, WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if result.config.backend == TENSORRT:  # inside the atomic write: all of it or nothing
+            from .backends.tensorrt import engine
+
+            engine.export_engine(tmp, engine.default_output(tmp))
     return path
 
 

@@ -143,7 +143,10 @@ class CompileConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-BACKENDS = ("reference", "triton")
+# What runs the compressed program: the ops' PyTorch reference, Triton kernels on CUDA, or a
+# TensorRT engine (the artifact also gets ``tensorrt/``: the plugin graph, its kernels as PTX and,
+# where TensorRT and a GPU are there, the engine; the compile's own checks run the reference ops).
+BACKENDS = ("reference", "triton", "tensorrt")
 SSAR_EXTRAPOLATIONS = ("hold", "linear")
 CALIB_SELECTIONS = ("uniform", "salient", "salient-per-step", "random")
 RECON_LOSSES = ("mse", "token")

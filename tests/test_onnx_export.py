@@ -312,28 +312,32 @@ def test_cli_max_size_is_dim_equals_size_and_only_for_engines(artifact):
 
 
 @pytest.mark.slow
-def test_tensorrt_format_writes_the_plugin_graph_and_ptx_and_says_why_the_engine_was_skipped(artifact, tmp_path):
-    from qsc.backends.tensorrt import aot_plugins, engine
+def test_compile_for_tensorrt_writes_the_plugin_graph_and_ptx_and_says_why_the_engine_was_skipped(tmp_path):
+    from qsc.backends.tensorrt import aot_plugins
 
     reason = engine.missing()
     if reason is None:
         pytest.skip("TensorRT and a GPU are here: the engine build is exercised on the GPU machine")
-    out = tmp_path / "engine"
+    tiny_model("wan").save_pretrained(tmp_path / "wan")
+    out = tmp_path / "wan.qsc"
     # Compiling kernels needs Triton without its interpreter (which this process runs under).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", "from qsc.cli import main; main()", "export", str(artifact("wan", "w8a8")),
-         "--format", "tensorrt", "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-c", "from qsc.cli import main; main()", "compile", str(tmp_path / "wan"), "-p", "w8a8",
+         "--backend", "tensorrt", "-s", "calib_samples=2", "-o", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"engine step skipped: {reason}" in " ".join(done.stderr.split())
-    assert (out / "program.onnx").is_file() and json.loads((out / "engine.json").read_text()) == {
-        "engines": [], "skipped": reason}
-    package = aot_plugins.read_package(out / "plugins")
+    export = engine.default_output(out)
+    assert (export / "program.onnx").is_file() and engine.read_record(export) == {"engines": [], "skipped": reason}
+    package = aot_plugins.read_package(export / "plugins")
     assert {s["plugin"] for s in package["specializations"].values()} >= {"quantize_per_token", "quant_gemm"}
     for spec in package["specializations"].values():
         for arch in aot_plugins.ARCHS:
             assert spec["kernels"][str(arch)], spec["plugin"]
-            assert all((out / "plugins" / k["ptx"]).is_file() for k in spec["kernels"][str(arch)])
+            assert all((export / "plugins" / k["ptx"]).is_file() for k in spec["kernels"][str(arch)])
+    with pytest.raises(ConfigError, match="the export skipped them"):
+        qsc.load(out, backend="tensorrt")
 
 
 @pytest.mark.parametrize("b, lq, lk, d, k, n", [(1, 128, 128, 32, 64, 96), (2, 200, 72, 16, 48, 32)])

@@ -73,7 +73,7 @@ def export_engine(artifact: str | Path, output: str | Path, *, overwrite: bool =
             _write_record(tmp, [], reason)
         else:
             build_engines(tmp, max_sizes)
-        record = json.loads((tmp / INDEX).read_text())
+        record = read_record(tmp)
     return record
 
 
@@ -94,6 +94,11 @@ def build_engines(directory: str | Path, max_sizes: Mapping[str, int] | None = N
         built.append(ENGINES[onnx_name])
     _write_record(directory, built, None)
     return built
+
+
+def read_record(directory: str | Path) -> dict:
+    """``engine.json`` of an export: the engines written, or why the engine step was ``skipped``."""
+    return json.loads((Path(directory) / INDEX).read_text())
 
 
 def _write_record(directory: Path, engines: list[str], skipped: str | None) -> None:
@@ -167,7 +172,7 @@ def load_artifact(path: Path, manifest: Mapping[str, Any]):
              f"(or qsc.backends.tensorrt.engine.build_engines('{directory}'))")
     if not (directory / INDEX).is_file():
         raise ConfigError(f"{path} has no TensorRT engines (no {directory / INDEX}); {build}")
-    skipped = json.loads((directory / INDEX).read_text())["skipped"]
+    skipped = read_record(directory)["skipped"]
     if skipped:
         raise ConfigError(f"{path} has no TensorRT engines: the export skipped them ({skipped.rstrip('.')}); {build}")
     if onnx_export.read_index(directory)["artifact_files"] != manifest["files"]:

@@ -31,7 +31,9 @@ def checkpoint_dir(output: Path) -> Path:
 @click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override one setting, e.g. --set smooth_quant=false --set group_size=128")
 @click.option("-b", "--backend", type=click.Choice(BACKENDS), default=None,
-              help="kernels the program runs with on CUDA [default: reference]")
+              help="what runs the program: reference ops, Triton kernels on CUDA, or tensorrt (also writes "
+                   "OUT/tensorrt: the plugin graph, its PTX and, where TensorRT and a GPU are, the engine) "
+                   "[default: reference]")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="artifact directory [default: MODEL_NAME.qsc, reference.qsc without MODEL]")
 @click.option("--calib", type=click.Path(), default=None,
@@ -97,4 +99,10 @@ def compile_command(model, preset, config_file, overrides, backend, output, cali
         if result.attention:
             stdout.print(attention_table(result.attention))
     stdout.print(summary_table(result.sizes, result.metrics, result.seconds, len(result.layers)))
+    if config.backend == "tensorrt":
+        from qsc.backends.tensorrt import engine
+
+        record = engine.read_record(engine.default_output(output))
+        if record["skipped"]:
+            stderr.print(f"engine step skipped: {record['skipped']}", markup=False)
     stdout.print(f"wrote [bold]{output}[/]")
