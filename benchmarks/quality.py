@@ -50,6 +50,7 @@ LADDER = {
     # GPTQ's error compensation (pass compensate_weights) alone, and on top of S2Q-VDiT: the
     # ``w4a8-s2q`` / ``w4a6-s2q`` presets as qsc ships them.
     "RTN + error compensation (GPTQ)": {"smooth_quant": False, "compensate_weights": True},
+    "sparse-token distillation + error compensation": {**TOKEN, "compensate_weights": True},
     "S2Q-VDiT + error compensation (qsc preset)": {**S2Q, "compensate_weights": True},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.

@@ -7,7 +7,8 @@ anyway (min-max with ``learn_scales``' clipping ratios where it ran): the packed
 kernels and the op do not change, only which codes they hold.
 
 The blocks are taken in order (``qsc.partition``). For each block, the inputs of its quantized
-linears are gathered from the calibration samples as the *quantized* model computes them (the
+linears are gathered from ``compensation_samples`` calibration samples (default: all of the set,
+whatever ``calib_selection`` chose for learning) as the *quantized* model computes them (the
 blocks before it already compensated and run with quantized weights and activations), their
 ``X^T X`` accumulated, and the block's weights replaced by their compensated codes dequantized
 (on the grid, so ``quantize_linear`` rounds them back to the same codes under the scales this
@@ -52,7 +53,9 @@ class CompensateWeights(Pass):
             if scheme is not None:
                 sites[site.layer] = (site, scheme)
         partitions = partition_blocks(gm, cfg.include)
-        streams = [Stream(gm, s) for s in ctx.calibration_samples()]
+        calib = ctx.calibration
+        count = cfg.compensation_samples or len(calib)
+        streams = [Stream(gm, calib.sample(i)) for i in calib.spread(count)]
         scales, errors = {}, {"round_to_nearest": [], "compensated": []}
         blocks = list(zip(partitions, needed_after(gm, partitions)))
         for partition, still_needed in ctx.progress(blocks, "compensating weights", total=len(blocks)):

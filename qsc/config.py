@@ -71,8 +71,12 @@ class CompileConfig:
     # GPTQ's error compensation (pass ``compensate_weights``): each layer's codes chosen column by
     # column so its output on the calibration inputs moves least, under the scales it has anyway;
     # ``compensation_damping`` (of the mean diagonal) keeps the inverse of X^T X finite.
+    # Its X^T X comes from ``compensation_samples`` calls of the set, evenly spread (0 = all of
+    # them), not from the samples ``calib_selection`` chose for learning: one forward per sample
+    # is cheap, and a Hessian of S2Q's 40 late-step samples misses the steps that set the layout.
     compensate_weights: bool = False
     compensation_damping: float = 0.01
+    compensation_samples: int = 0
     # Attention sparsity: the fraction of 128-query x 64-key tiles each self-attention computes
     # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
     density: float = 1.0
@@ -119,6 +123,8 @@ class CompileConfig:
             raise ConfigError("learning rates and MSAD weights must be >= 0")
         if self.learn_scales and not self.smooth_quant:
             raise ConfigError("learn_scales starts from smooth_quant's migration: keep smooth_quant = true")
+        if self.compensation_samples < 0:
+            raise ConfigError(f"compensation_samples must be >= 0 (0 = every sample), got {self.compensation_samples}")
         if not 0.0 < self.compensation_damping <= 1.0:
             raise ConfigError(f"compensation_damping must be in (0, 1], got {self.compensation_damping}")
         if not 0.0 <= self.token_weight_min <= 1.0:
