@@ -69,12 +69,12 @@ class CompensateWeights(Pass):
                         scale = quant.weight_scale(weight, scheme.w_bits, scheme.group_size, clips.get(layer, 1.0))
                         gram = grams[site.node.args[0]]
                         codes = gptq_codes(weight, gram, scale, scheme.w_bits, scheme.group_size, cfg.compensation_damping)
-                        rtn = quant.quantize_weight(weight, scale, scheme.w_bits, scheme.group_size)
-                        compensated = quant.dequantize_weight(codes, scale, scheme.group_size)
-                        errors["round_to_nearest"].append(
-                            output_error(weight, quant.dequantize_weight(rtn, scale, scheme.group_size), gram))
-                        errors["compensated"].append(output_error(weight, compensated, gram))
-                        _set_weight(gm, site.weight_target, compensated.to(weight.dtype))
+                        for kind, c in (("round_to_nearest", quant.quantize_weight(weight, scale, scheme.w_bits, scheme.group_size)),
+                                        ("compensated", codes)):
+                            errors[kind].append(output_error(weight, quant.dequantize_weight(c, scale, scheme.group_size), gram))
+                        # On the grid: quantize_linear rounds it back to ``codes`` under ``scale``.
+                        _set_weight(gm, site.weight_target,
+                                    quant.dequantize_weight(codes, scale, scheme.group_size).to(weight.dtype))
                         scales[layer] = scale
                 program = partition.module(gm)
                 substitute_linears(
