@@ -47,11 +47,13 @@ LADDER = {
     "+ MSAD": {**S2Q, "msad_global": 1.0, "msad_local": 1.0},
     # qsc's variant of the salient selection: the most salient samples of every step alike.
     "salient per step (qsc) + sparse-token": {**TOKEN, "calib_selection": "salient-per-step"},
-    # GPTQ's error compensation (pass compensate_weights) alone, and on top of S2Q-VDiT: the
-    # ``w4a8-s2q`` / ``w4a6-s2q`` presets as qsc ships them.
+    # GPTQ's error compensation (pass compensate_weights) alone, on top of the learned rows, and
+    # with qsc's per-step salient data: the ``w4a8-s2q`` / ``w4a6-s2q`` presets as qsc ships them.
     "RTN + error compensation (GPTQ)": {"smooth_quant": False, "compensate_weights": True},
     "sparse-token distillation + error compensation": {**TOKEN, "compensate_weights": True},
-    "S2Q-VDiT + error compensation (qsc preset)": {**S2Q, "compensate_weights": True},
+    "S2Q-VDiT + error compensation": {**S2Q, "compensate_weights": True},
+    "salient per step + sparse-token + error compensation (qsc preset)": {
+        **TOKEN, "calib_selection": "salient-per-step", "compensate_weights": True},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {
