@@ -38,6 +38,7 @@ from qsc.refmodel.sampler import sample
 LEARNED = {"learn_scales": True, "calib_samples": 40}
 TOKEN = {**LEARNED, "recon_loss": "token"}
 S2Q = {**TOKEN, "calib_selection": "salient"}
+QSC = {**TOKEN, "calib_selection": "salient-per-step", "compensate_weights": True}
 LADDER = {
     "naive PTQ (RTN)": {"smooth_quant": False},
     "SmoothQuant PTQ": {},
@@ -52,8 +53,11 @@ LADDER = {
     "RTN + error compensation (GPTQ)": {"smooth_quant": False, "compensate_weights": True},
     "sparse-token distillation + error compensation": {**TOKEN, "compensate_weights": True},
     "S2Q-VDiT + error compensation": {**S2Q, "compensate_weights": True},
-    "salient per step + sparse-token + error compensation (qsc preset)": {
-        **TOKEN, "calib_selection": "salient-per-step", "compensate_weights": True},
+    "salient per step + sparse-token + error compensation (qsc preset)": QSC,
+    # Two variations of the preset: QuantSparse's MSAD added, and learning clipping alone, from
+    # round-to-nearest instead of SmoothQuant's migration.
+    "salient per step + sparse-token + MSAD + error compensation": {**QSC, "msad_global": 1.0, "msad_local": 1.0},
+    "salient per step + sparse-token + error compensation from RTN": {**QSC, "smooth_quant": False},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {
@@ -61,6 +65,8 @@ SPARSE_LADDER = {
     "PTQ + sparse + SSAR": {"learn_scales": False, "compensate_weights": False},
     "QuantSparse (MSAD + sparse + SSAR)": {"compensate_weights": False},
     "QuantSparse + error compensation (qsc preset)": {},
+    # SSAR's dense refresh program for the first, layout-setting steps of the trajectory.
+    "QuantSparse + error compensation + 2 dense steps": {"dense_steps": 2},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
@@ -124,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    chosen = set(filter(None, args.methods.split(",")))
+    if unknown := chosen - LADDER.keys() - SPARSE_LADDER.keys():
+        p.error(f"--methods: no ladder row named {', '.join(map(repr, sorted(unknown)))}")
     prompts, steps, calib_prompts = (6, 10, 4) if args.quick else (12, 20, 8)
     torch.set_num_threads(args.threads)
 
@@ -159,7 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.fp_only:
         calib = reference_calibration(num_prompts=calib_prompts, steps=steps)
-        chosen = set(filter(None, args.methods.split(",")))
         for preset in args.presets.split(","):
             ladder = SPARSE_LADDER if "sparse" in preset else LADDER
             for method, overrides in ladder.items():

@@ -40,7 +40,7 @@ def default_pass_names(config: CompileConfig) -> list[str]:
     if config.smooth_quant:
         names.append("smooth_quant")
     if config.learn_scales:
-        names.append("learn_scales")  # starts from smooth_quant's state: it requires its analysis
+        names.append("learn_scales")  # starts from smooth_quant's state where it ran
     if config.compensate_weights:
         names.append("compensate_weights")  # under the scales learn_scales' clipping gives
     names.append("quantize_linear")

@@ -6,8 +6,9 @@ order. For each block, every calibration sample gives the block's inputs twice: 
 student's stream). The FP block on its FP inputs is the target; a copy of the block whose
 quantizable linears are ``qsc.fake_quant.LearnedLinear`` runs on the student's inputs, and AdamW
 with a cosine schedule adjusts, per layer, a smoothing on top of ``smooth_quant``'s (lr
-``lr_smooth``), weight clipping ratios per output channel or group and an activation clipping
-ratio (lr ``lr_clip``), for ``scale_epochs`` passes over the samples in a seeded order.
+``lr_smooth``; where ``smooth_quant`` did not run or left a layer unsmoothed, the layer learns no
+smoothing), weight clipping ratios per output channel or group and an activation clipping ratio
+(lr ``lr_clip``), for ``scale_epochs`` passes over the samples in a seeded order.
 
 The loss is the block-output reconstruction, plain (``recon_loss = "mse"``) or weighted per token
 by the FP attention it receives (``"token"``, S2Q-VDiT's sparse token distillation), plus
@@ -17,7 +18,7 @@ global term pools with stride ``min(msad_stride, L // MIN_POOLED_TOKENS)``: at W
 tokens that is the paper's 128, on a 1024-token model it keeps a 64 x 64 map instead of 8 x 8.
 
 A block keeps what it learned only if its loss over all samples ends below where it started
-(SmoothQuant's state); the choice is in the pass log. Then the learned values are folded: the
+(SmoothQuant's state, or round-to-nearest's without it); the choice is in the pass log. Then the learned values are folded: the
 smoothed weight and the op's ``in_scale`` in the graph, the clipping ratios as the analyses
 ``weight_clip`` and ``activation_clip`` that ``quantize_linear`` bakes into the packed weights
 and the op's ``a_clip``. Nothing learnable survives, and the lowered program computes what the
@@ -179,7 +180,7 @@ class Checkpoint:
 
 
 def _fingerprint(ctx: PassContext, sites: Sequence[LinearSite], gm: fx.GraphModule) -> str:
-    layers = [[s.layer, list(w.shape), float(w.double().sum())] for s in sites
+    layers = [[s.layer, list(w.shape), float(w.detach().double().sum())] for s in sites
               for w in [gm.get_parameter(s.weight_target)]]
     data = {"config": ctx.config.to_dict(), "samples": ctx.calibration_indices(), "layers": layers}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -187,7 +188,7 @@ def _fingerprint(ctx: PassContext, sites: Sequence[LinearSite], gm: fx.GraphModu
 
 class LearnScales(Pass):
     name = "learn_scales"
-    requires = ("smoothing",)
+    requires = ("calibration",)
     produces = ("weight_clip", "activation_clip", "learned_blocks")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -3,11 +3,15 @@
 The tiles are those of the kernel: 128 queries x 64 keys. For every attention layer and head, the
 calibration samples measure how much softmax probability each tile carries (``TileMass``: the
 attention of up to ``ROWS_PER_TILE`` evenly spaced query rows of each query tile, summed per key
-tile, averaged over rows and samples). Each query tile then keeps its heaviest key tiles, the same
-number for every query tile (``round(density * key_tiles)``, at least one), so the computed
-fraction of tiles is the density and every query tile costs the same in the kernel. Where few key
-tiles make that fraction far from the density asked (0.15 of 16 tiles keeps 2: 0.125), the compile
-warns with the figure achieved.
+tile, averaged over rows and samples). Each head then spends a budget of ``round(density * tiles)``
+tiles (``kept_tiles``): every query tile first keeps its heaviest key tile (a row with no tile would
+output zero), the rest of the budget goes to the heaviest tiles left anywhere in the head. A query
+tile's masses sum to one, so this keeps the most attention probability a head can keep at that
+density: a query tile whose attention is spread gets more key tiles than one whose attention is
+peaked. Budgeting per head rather than per query tile also meets the density asked where a row has
+few key tiles (0.15 of a 8 x 16 grid keeps 19 tiles, 0.148; the same number per row would keep 2 of
+16, 0.125); where the one-tile-per-row floor exceeds the budget, the compile warns with the figure
+achieved.
 
 A video DiT's heads are local in space (a band around the diagonal in frame-major token order) or
 in time (the same position across frames: bands one frame apart); the measured mass finds either
@@ -43,9 +47,9 @@ TILES_PER_CHUNK = 16  # query tiles measured at once: bounds the probabilities h
 DENSITY_TOLERANCE = 0.1  # relative: an achieved density this close to the request goes unremarked
 
 
-def kept_tiles(density: float, key_tiles: int) -> int:
-    """Key tiles each query tile keeps at ``density``: a whole number, at least one."""
-    return max(1, round(density * key_tiles))
+def kept_tiles(density: float, query_tiles: int, key_tiles: int) -> int:
+    """Tiles a head keeps at ``density``: a whole number, at least one per query tile."""
+    return max(query_tiles, round(density * query_tiles * key_tiles))
 
 
 class TileMass:
@@ -73,12 +77,19 @@ class TileMass:
         self.calls += 1
 
     def layout(self, density: float) -> torch.Tensor:
-        """Bool ``[H, tiles_m, tiles_n]``: each query tile's ``round(density * tiles_n)`` heaviest key tiles."""
+        """Bool ``[H, tiles_m, tiles_n]``: each head's ``kept_tiles`` heaviest tiles, at least one
+        per query tile."""
         mass = self.total / self.calls
-        keep = kept_tiles(density, mass.shape[-1])
+        heads, tiles_m, tiles_n = mass.shape
         # Ties (equal mass) break by tile index, so the layout is the same on every run.
-        chosen = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :keep]
-        return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, chosen, True)  # on the model's device
+        heaviest = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :1]
+        layout = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, heaviest, True)  # on the model's device
+        rest = kept_tiles(density, tiles_m, tiles_n) - tiles_m
+        if rest:
+            others = mass.masked_fill(layout, -1.0).reshape(heads, -1)  # masses are >= 0: kept ones sort last
+            chosen = torch.argsort(others, dim=-1, descending=True, stable=True)[:, :rest]
+            layout.view(heads, -1).scatter_(-1, chosen, True)
+        return layout
 
 
 def _measured_rows(length: int) -> torch.Tensor:
@@ -133,7 +144,7 @@ class SparsifyAttention(Pass):
                 layout = mass.layout(ctx.config.density)
                 _replace(gm, site, layout)
                 layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item()}
-        _warn_if_rounded(ctx.config.density, {layout["tiles"][-1] for layout in layouts.values()})
+        _warn_if_rounded(ctx.config.density, {tuple(layout["tiles"][1:]) for layout in layouts.values()})
         ctx.analyses["attention_layouts"] = layouts
         return PassResult(finalize(gm), modified=bool(layouts))
 
@@ -162,16 +173,15 @@ def _check_fixed_length(site: AttentionSite) -> None:
         )
 
 
-def _warn_if_rounded(density: float, key_tiles: set[int]) -> None:
-    """One warning per compile for the tile counts whose whole number of kept tiles misses ``density``."""
-    missed = {
-        n: kept_tiles(density, n) / n for n in sorted(key_tiles)
-        if abs(kept_tiles(density, n) / n - density) > DENSITY_TOLERANCE * density
-    }
+def _warn_if_rounded(density: float, grids: set[tuple[int, int]]) -> None:
+    """One warning per compile for the tile grids (query x key tiles) whose whole number of kept
+    tiles misses ``density``."""
+    achieved = {(m, n): kept_tiles(density, m, n) / (m * n) for m, n in sorted(grids)}
+    missed = {grid: d for grid, d in achieved.items() if abs(d - density) > DENSITY_TOLERANCE * density}
     if missed:
-        achieved = ", ".join(f"{d:.3g} achieved on {n} key tiles" for n, d in missed.items())
-        warnings.warn(f"density {density:g} asked, {achieved} (each query tile keeps whole "
-                      f"{SPARSE_BLOCK_N}-key tiles)", stacklevel=2)
+        figures = ", ".join(f"{d:.3g} achieved on {m} x {n} tiles" for (m, n), d in missed.items())
+        warnings.warn(f"density {density:g} asked, {figures} (each query tile keeps at least one "
+                      f"{SPARSE_BLOCK_N}-key tile)", stacklevel=2)
 
 
 def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> None:

@@ -121,8 +121,6 @@ class CompileConfig:
             )
         if min(self.lr_smooth, self.lr_clip, self.msad_global, self.msad_local) < 0:
             raise ConfigError("learning rates and MSAD weights must be >= 0")
-        if self.learn_scales and not self.smooth_quant:
-            raise ConfigError("learn_scales starts from smooth_quant's migration: keep smooth_quant = true")
         if self.compensation_samples < 0:
             raise ConfigError(f"compensation_samples must be >= 0 (0 = every sample), got {self.compensation_samples}")
         if not 0.0 < self.compensation_damping <= 1.0:
@@ -142,6 +140,9 @@ class CompileConfig:
             )
         if self.ssar_tau and self.density == 1.0:
             raise ConfigError("ssar_tau > 0 corrects sparse attention: set density below 1 (or ssar_tau = 0)")
+        if self.dense_steps and not self.ssar_tau:
+            raise ConfigError("dense_steps runs the first steps on SSAR's dense refresh program: set ssar_tau > 0 "
+                              "(or dense_steps = 0)")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: choose one of {BACKENDS}")
 

@@ -37,6 +37,7 @@ def test_file_then_overrides(tmp_path):
     (["density=0"], "density must be in \\(0, 1\\]"),
     (["ssar_tau=5"], "ssar_tau > 0 corrects sparse attention: set density below 1"),
     (["density=0.2", "ssar_rank=-1"], "must be >= 0"),
+    (["density=0.2", "dense_steps=2"], "dense_steps runs the first steps on SSAR's dense refresh program"),
     (["ssar_extrapolation=quadratic"], "ssar_extrapolation must be one of"),
 ])
 def test_bad_values_are_named(pairs, message):

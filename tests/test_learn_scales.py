@@ -199,6 +199,17 @@ def test_learning_lowers_every_blocks_loss(wan_calibration):
         assert block["kept"] and block["loss_after"] < block["loss_before"], row
 
 
+def test_without_smooth_quant_the_blocks_learn_clipping_from_round_to_nearest(wan_calibration):
+    model, calib = wan_calibration
+    result = qsc.compile(model, calib, preset="w4a4",
+                         config={"smooth_quant": False, "learn_scales": True, "scale_epochs": 2, "calib_samples": 4})
+    assert "smooth_quant" not in [r["pass"] for r in result.pass_log]
+    (row,) = [r for r in result.pass_log if r["pass"] == "learn_scales"]
+    assert all(block["kept"] for block in row["blocks"].values()), row
+    # No smoothing to learn on: no op holds an in_scale (smooth_quant's smooth_inv).
+    assert not any(name.endswith("smooth_inv") for name in result.program.state_dict)
+
+
 def _smoothed_graph(model, calib):
     cfg = qsc.resolve_config("w4a6", overrides={"calib_samples": 4})
     gm = export_graph(DenoiserAdapter(model), calib.sample(0))
