@@ -67,6 +67,9 @@ SPARSE_LADDER = {
     "QuantSparse + error compensation (qsc preset)": {},
     # SSAR's dense refresh program for the first, layout-setting steps of the trajectory.
     "QuantSparse + error compensation + 2 dense steps": {"dense_steps": 2},
+    # SSAR's two knobs: a refresh every 3 steps instead of 5, a rank-32 residual instead of 16.
+    "QuantSparse + error compensation + refresh every 3 steps": {"ssar_tau": 3},
+    "QuantSparse + error compensation + SSAR rank 32": {"ssar_rank": 32},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
