@@ -19,10 +19,11 @@ tokens that is the paper's 128, on a 1024-token model it keeps a 64 x 64 map ins
 
 A block keeps what it learned only if its loss over all samples ends below where it started
 (SmoothQuant's state, or round-to-nearest's without it); the choice is in the pass log. Then the
-learned values are folded: the smoothed weight and the op's ``in_scale`` in the graph, the
-clipping ratios as the analyses ``weight_clip`` and ``activation_clip`` that ``quantize_linear``
-bakes into the packed weights and the op's ``a_clip``. Nothing learnable survives, and the lowered program computes what the
-fake-quantized block computed. The student's stream then advances through the learned block.
+learned values are folded: the smoothed weight and the op's ``in_scale`` in the graph, the clipping
+ratios as the analyses ``weight_clip`` and ``activation_clip`` that ``quantize_linear`` bakes into
+the packed weights and the op's ``a_clip``. Nothing learnable survives, and the lowered program
+computes what the fake-quantized block computed. The student's stream then advances through the
+learned block.
 
 After each block the learned values of all finished blocks are written atomically to
 ``ctx.checkpoint_dir``; with ``ctx.resume`` a compile continues from the last finished block and
