@@ -22,7 +22,8 @@ grid, so ``fixed_sizes`` has the compile export the sizes the token count depend
 
 Each rewritten ``aten.scaled_dot_product_attention`` becomes ``qsc::sparse_attention(q, k, v,
 layout)``. Layers matching ``config.dense_attention`` stay dense. Produces ``attention_layouts``:
-per layer, the layout's shape and its density.
+per layer, the layout's shape, its density and the fraction of the measured attention probability
+its tiles keep (``kept_mass``: how much the layer's sparse attention leaves for SSAR to restore).
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ class TileMass:
             layout.view(heads, -1).scatter_(-1, chosen, True)
         return layout
 
+    def kept(self, layout: torch.Tensor) -> float:
+        """The fraction of the measured softmax probability that ``layout``'s tiles hold (1 = the
+        sparse attention drops nothing; ``density`` = attention spread evenly over the keys)."""
+        mass = self.total / self.calls
+        return float((mass * layout).sum() / mass.sum())
+
 
 def _measured_rows(length: int) -> torch.Tensor:
     """``[tiles_m, ROWS_PER_TILE]`` query indices: evenly spaced rows of each 128-query tile."""
@@ -143,7 +150,8 @@ class SparsifyAttention(Pass):
                     raise CalibrationError(f"attention layer '{site.layer}' was never executed by the calibration samples")
                 layout = mass.layout(ctx.config.density)
                 _replace(gm, site, layout)
-                layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item()}
+                layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item(),
+                                       "kept_mass": round(mass.kept(layout), 4)}
         _warn_if_rounded(ctx.config.density, {tuple(layout["tiles"][1:]) for layout in layouts.values()})
         ctx.analyses["attention_layouts"] = layouts
         return PassResult(finalize(gm), modified=bool(layouts))

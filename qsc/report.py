@@ -71,13 +71,15 @@ def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized
 
 
 def attention_table(attention: Mapping[str, Mapping[str, Any]]) -> Table:
-    """One row per block-sparse attention layer: its tile grid (heads x query tiles x key tiles)
-    and the fraction of tiles it computes."""
+    """One row per block-sparse attention layer: its tile grid (heads x query tiles x key tiles),
+    the fraction of tiles it computes and the fraction of the calibration samples' attention
+    probability those tiles hold."""
     table = Table(title="sparse attention layers")
-    for column in ("layer", "tiles (H x Q x K)", "density"):
+    for column in ("layer", "tiles (H x Q x K)", "density", "attention kept"):
         table.add_column(column)
     for name, info in attention.items():
-        table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}")
+        kept = f"{info['kept_mass']:.3f}" if "kept_mass" in info else "-"  # artifacts of older compiles lack it
+        table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}", kept)
     return table
 
 

@@ -75,6 +75,20 @@ def test_a_head_spends_its_budget_where_attention_is_spread():
         assert layout[i, 2 * i] and layout[i, 2 * i + 1], layout[i]
 
 
+def test_kept_mass_is_the_share_of_attention_the_layout_holds():
+    q, k = _tokens(4, 256, 32, by="frame"), _tokens(4, 256, 32, by="frame")
+    q = q.clone()
+    q[..., :128, :] = 0  # uniform attention in query tile 0; the others attend themselves
+    mass = TileMass()
+    mass.add(q, k, None)
+    layout = mass.layout(0.15)  # query tile 0 keeps 5 of its 16 key tiles, the others their 2 diagonal ones
+    probabilities = torch.softmax(q[0, 0] @ k[0, 0].T * 32**-0.5, dim=-1)
+    keep = layout[0].repeat_interleave(128, 0).repeat_interleave(64, 1)
+    # Every query row here; the pass measures 32 of each tile's 128.
+    assert mass.kept(layout) == pytest.approx(float((probabilities * keep).sum() / 1024), abs=0.01)
+    assert mass.kept(torch.ones_like(layout)) == pytest.approx(1.0)
+
+
 def test_layout_handles_a_ragged_last_tile_and_keeps_at_least_one_tile():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 3, 200, 16, generator=g), torch.randn(2, 3, 200, 16, generator=g)
@@ -117,7 +131,7 @@ def test_self_attention_becomes_block_sparse_and_cross_attention_stays(wan):
     assert len(sparse) == 2 and len(_ops(gm, aten.scaled_dot_product_attention.default)) == 2  # attn2
     assert set(result.attention) == {"blocks.0.attn1", "blocks.1.attn1"}
     for info in result.attention.values():
-        assert info == {"tiles": [2, 2, 4], "density": 0.5}
+        assert info["tiles"] == [2, 2, 4] and info["density"] == 0.5 and 0.5 <= info["kept_mass"] <= 1
     layout = result.program.state_dict["model.blocks.0.attn1.attn_layout"]
     assert layout.dtype == torch.bool and (layout.sum((-2, -1)) == 4).all() and (layout.sum(-1) >= 1).all()
     assert result.metrics["rel_l2"] > _compile(wan).metrics["rel_l2"]  # dropping tiles costs accuracy

@@ -68,9 +68,15 @@ def labels(prompts: list[Prompt]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def verdicts(judge: Judge, clips: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
+    """Bool ``[clips, attributes]`` (attributes in ``HEADS`` order): whether the judge reads each
+    attribute of each clip as its prompt says."""
+    return judge.predict(clips) == labels(prompts)
+
+
 def adherence(judge: Judge, clips: torch.Tensor, prompts: list[Prompt]) -> dict[str, float]:
     """Fraction of clips whose shape, color and motion all match their prompt, and per attribute."""
-    correct = judge.predict(clips) == labels(prompts)
+    correct = verdicts(judge, clips, prompts)
     result = {"all": float(correct.all(-1).float().mean())}
     result.update({name: float(correct[:, i].float().mean()) for i, name in enumerate(HEADS)})
     return result
