@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from qsc.fsutil import atomic_file
 from qsc.metrics import PSNR_CAP, frechet_distance, psnr, ssim
 from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
 from qsc.refmodel.data import render
-from qsc.refmodel.judge import adherence, load_judge
+from qsc.refmodel.judge import HEADS, load_judge, verdicts
 from qsc.refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
 from qsc.refmodel.sampler import sample
 
@@ -57,6 +58,8 @@ LADDER = {
     # Two variations of the preset: QuantSparse's MSAD added, and learning clipping alone, from
     # round-to-nearest instead of SmoothQuant's migration.
     "salient per step + sparse-token + MSAD + error compensation": {**QSC, "msad_global": 1.0, "msad_local": 1.0},
+    # MSAD's terms weighted 3 to the reconstruction's 1 (each term normalised by its first value).
+    "salient per step + sparse-token + MSAD x3 + error compensation": {**QSC, "msad_global": 3.0, "msad_local": 3.0},
     "salient per step + sparse-token + error compensation from RTN": {**QSC, "smooth_quant": False},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
@@ -67,6 +70,9 @@ SPARSE_LADDER = {
     "QuantSparse + error compensation (qsc preset)": {},
     # SSAR's dense refresh program for the first, layout-setting steps of the trajectory.
     "QuantSparse + error compensation + 2 dense steps": {"dense_steps": 2},
+    # The same with the cache held between refreshes: after the dense steps, "linear" would stretch
+    # the residual's one-step change of steps 1 -> 2 over the four steps to the next refresh.
+    "QuantSparse + error compensation + 2 dense steps (residual held)": {"dense_steps": 2, "ssar_extrapolation": "hold"},
     # SSAR's two knobs: a refresh every 3 steps instead of 5, a rank-32 residual instead of 16.
     "QuantSparse + error compensation + refresh every 3 steps": {"ssar_tau": 3},
     "QuantSparse + error compensation + SSAR rank 32": {"ssar_rank": 32},
@@ -98,10 +104,15 @@ class Scorer:
         with torch.no_grad():
             self.real_features = self.judge.features(real)
 
-    def judge_scores(self, clips: torch.Tensor) -> dict[str, float]:
+    def judge_scores(self, clips: torch.Tensor) -> dict[str, Any]:
+        """Adherence (all attributes right), per attribute, the videos the judge rejects (indices
+        into the cases, so that rows can be compared video by video) and the Frechet distance."""
         with torch.no_grad():
             features = self.judge.features(clips)
-        return {"adherence": adherence(self.judge, clips, self.prompts)["all"],
+            right = verdicts(self.judge, clips, self.prompts)
+        return {"adherence": float(right.all(-1).float().mean()),
+                "adherence_by_attribute": {name: float(right[:, i].float().mean()) for i, name in enumerate(HEADS)},
+                "rejected": torch.nonzero(~right.all(-1)).flatten().tolist(),
                 "fd": frechet_distance(features, self.real_features)}
 
     @staticmethod
@@ -181,9 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
                     config.setdefault("calib_samples", len(calib))  # PTQ: every recorded call
                 result = qsc.compile(model, calibration=calib, preset=preset, config=config)
                 clips = generate(result.module, cases, steps)  # SSAR's state resets with each new video
-                density = statistics.mean(a["density"] for a in result.attention.values()) if result.attention else 1.0
+                layers = result.attention.values()
+                density = statistics.mean(a["density"] for a in layers) if layers else 1.0
+                kept = {"attention_kept": round(statistics.mean(a["kept_mass"] for a in layers), 3)} if layers else {}
                 rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
-                             "config": config, **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
+                             **kept, "config": config, **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
                              "storage_ratio": result.sizes["ratio"]})
                 compile_seconds.append(result.seconds)
                 save()
