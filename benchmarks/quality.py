@@ -8,7 +8,10 @@ For FP and every compressed model, the same evaluation prompts and noise seeds (
 calibration ones) are sampled. Columns: PSNR / SSIM of each video against the FP video of the same
 prompt and noise (PSNR capped at ``qsc.metrics.PSNR_CAP``), prompt adherence (the judge recognises
 shape, color and motion of the prompt), Frechet distance in the judge's feature space to real clips
-of the same prompts, storage ratio (FP bytes / compressed bytes of the transformer).
+of the same prompts, storage ratio (FP bytes / compressed bytes of the transformer). The JSON rows
+also hold adherence per attribute, the videos the judge rejects, those FP draws and the row does
+not (``lost``) and the reverse (``gained``), and for sparse rows the share of the calibration's
+attention probability the layouts keep (``attention_kept``).
 Writes ``benchmarks/results/quality-<date>[-quick][-fp].json`` and prints the markdown table.
 """
 
@@ -122,6 +125,13 @@ class Scorer:
                 "ssim": sum(ssim(c, r) for c, r in pairs) / len(pairs)}
 
 
+def against_fp(scores: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
+    """``scores`` with the videos FP draws and the row does not (``lost``) and the other way round
+    (``gained``): adherence compared video by video, as the same prompts and noise allow."""
+    rejected, fp_rejected = set(scores["rejected"]), set(fp["rejected"])
+    return {**scores, "lost": sorted(rejected - fp_rejected), "gained": sorted(fp_rejected - rejected)}
+
+
 def markdown(report: dict) -> str:
     lines = ["| method | bits | density | PSNR (dB) | SSIM | adherence | FD | storage ratio | compile (s) |",
              "|---|---|---|---|---|---|---|---|---|",
@@ -196,8 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
                 density = statistics.mean(a["density"] for a in layers) if layers else 1.0
                 kept = {"attention_kept": round(statistics.mean(a["kept_mass"] for a in layers), 3)} if layers else {}
                 rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
-                             **kept, "config": config, **scorer.fidelity(clips, fp_clips), **scorer.judge_scores(clips),
-                             "storage_ratio": result.sizes["ratio"]})
+                             **kept, "config": config, **scorer.fidelity(clips, fp_clips),
+                             **against_fp(scorer.judge_scores(clips), fp), "storage_ratio": result.sizes["ratio"]})
                 compile_seconds.append(result.seconds)
                 save()
                 print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", flush=True)
