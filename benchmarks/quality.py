@@ -34,7 +34,7 @@ from qsc.fsutil import atomic_file
 from qsc.metrics import PSNR_CAP, frechet_distance, psnr, ssim
 from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
 from qsc.refmodel.data import render
-from qsc.refmodel.judge import HEADS, load_judge, verdicts
+from qsc.refmodel.judge import adherence_of, load_judge, verdicts
 from qsc.refmodel.prompts import EVAL_PROMPTS, EVAL_SEED_BASE
 from qsc.refmodel.sampler import sample
 
@@ -112,9 +112,9 @@ class Scorer:
         into the cases, so that rows can be compared video by video) and the Frechet distance."""
         with torch.no_grad():
             features = self.judge.features(clips)
-            right = verdicts(self.judge, clips, self.prompts)
-        return {"adherence": float(right.all(-1).float().mean()),
-                "adherence_by_attribute": {name: float(right[:, i].float().mean()) for i, name in enumerate(HEADS)},
+        right = verdicts(self.judge, clips, self.prompts)
+        by_attribute = adherence_of(right)
+        return {"adherence": by_attribute.pop("all"), "adherence_by_attribute": by_attribute,
                 "rejected": torch.nonzero(~right.all(-1)).flatten().tolist(),
                 "fd": frechet_distance(features, self.real_features)}
 

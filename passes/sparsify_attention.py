@@ -77,10 +77,15 @@ class TileMass:
         self.total = mass if self.total is None else self.total + mass
         self.calls += 1
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """``[H, tiles_m, tiles_n]``: the mass per tile, averaged over the calls."""
+        return self.total / self.calls
+
     def layout(self, density: float) -> torch.Tensor:
         """Bool ``[H, tiles_m, tiles_n]``: each head's ``kept_tiles`` heaviest tiles, at least one
         per query tile."""
-        mass = self.total / self.calls
+        mass = self.mean
         heads, tiles_m, tiles_n = mass.shape
         # Ties (equal mass) break by tile index, so the layout is the same on every run.
         heaviest = torch.argsort(mass, dim=-1, descending=True, stable=True)[..., :1]
@@ -95,8 +100,7 @@ class TileMass:
     def kept(self, layout: torch.Tensor) -> float:
         """The fraction of the measured softmax probability that ``layout``'s tiles hold (1 = the
         sparse attention drops nothing; ``density`` = attention spread evenly over the keys)."""
-        mass = self.total / self.calls
-        return float((mass * layout).sum() / mass.sum())
+        return float((self.mean * layout).sum() / self.mean.sum())
 
 
 def _measured_rows(length: int) -> torch.Tensor:

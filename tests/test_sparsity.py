@@ -99,7 +99,7 @@ def test_layout_handles_a_ragged_last_tile_and_keeps_at_least_one_tile():
     assert layout.shape == (3, 2, 4) and layout.dtype == torch.bool
     assert (layout.sum(-1) == 1).all()  # round(0.08) = 0 tiles would leave rows empty: one is kept
     # Each row keeps its heaviest tile.
-    assert torch.equal(layout.float().argmax(-1), (mass.total / mass.calls).argmax(-1).cpu())
+    assert torch.equal(layout.float().argmax(-1), mass.mean.argmax(-1).cpu())
 
 
 # --- The pass on a model ---------------------------------------------------------------------------

@@ -76,7 +76,11 @@ def verdicts(judge: Judge, clips: torch.Tensor, prompts: list[Prompt]) -> torch.
 
 def adherence(judge: Judge, clips: torch.Tensor, prompts: list[Prompt]) -> dict[str, float]:
     """Fraction of clips whose shape, color and motion all match their prompt, and per attribute."""
-    correct = verdicts(judge, clips, prompts)
+    return adherence_of(verdicts(judge, clips, prompts))
+
+
+def adherence_of(correct: torch.Tensor) -> dict[str, float]:
+    """``adherence`` from the ``verdicts``."""
     result = {"all": float(correct.all(-1).float().mean())}
     result.update({name: float(correct[:, i].float().mean()) for i, name in enumerate(HEADS)})
     return result
