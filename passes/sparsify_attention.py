@@ -15,15 +15,22 @@ achieved.
 
 A video DiT's heads are local in space (a band around the diagonal in frame-major token order) or
 in time (the same position across frames: bands one frame apart); the measured mass finds either
-shape, and mixtures, without being told the frame layout. The layout is static: a bool buffer of
-the program, the same at every step (SSAR's residual makes up for what it drops), and holds for
-the calibrated token count only: not knowing the frame layout, it cannot be moved to another tile
-grid, so ``fixed_sizes`` has the compile export the sizes the token count depends on as calibrated.
+shape, and mixtures. A temporal head's bands cross every frame's tiles, so in frame-major order it
+needs many tiles for its attention; in position-major order (each position's frames adjacent) the
+same attention lies in its queries' own tiles. Where the graph shows the frame count (the
+``[B, C, F, H, W]`` output of a patch embedding), each head's mass is also measured in
+position-major order, and a head that keeps more of its attention there runs in it (``HeadOrders``,
+Sparse VideoGen's layout transformation, chosen from measurement instead of online): its q, k and v
+are reordered before the op and its output after (``reorder_tokens = false`` keeps the traced
+order). The layout is static: a bool buffer of the program, the same at every step (SSAR's residual
+makes up for what it drops), and holds for the calibrated token count only, so ``fixed_sizes`` has
+the compile export the sizes the token count depends on as calibrated.
 
 Each rewritten ``aten.scaled_dot_product_attention`` becomes ``qsc::sparse_attention(q, k, v,
 layout)``. Layers matching ``config.dense_attention`` stay dense. Produces ``attention_layouts``:
-per layer, the layout's shape, its density and the fraction of the measured attention probability
-its tiles keep (``kept_mass``: how much the layer's sparse attention leaves for SSAR to restore).
+per layer, the layout's shape, its density, the fraction of the measured attention probability
+its tiles keep (``kept_mass``: how much the layer's sparse attention leaves for SSAR to restore)
+and each head's order (``frames``: 1 as traced, ``F`` position-major for ``F`` frames).
 """
 
 from __future__ import annotations
@@ -42,9 +49,13 @@ from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, atten
 from qsc.pipeline import Pass, PassContext, PassResult
 
 ROWS_PER_TILE = 32  # query rows of a tile whose attention is measured: enough to rank key tiles
+aten = torch.ops.aten
 SPARSE_ATTENTION = torch.ops.qsc.sparse_attention.default
 LAYER_META = "qsc_attention_layer"  # node meta of each block-sparse attention: its layer path
 TILES_PER_CHUNK = 16  # query tiles measured at once: bounds the probabilities held to 512 rows x L
+# The attention a head must keep in addition to move to another token order: reordering costs
+# a copy of q, k, v and the output, not worth it for a rounding difference.
+ORDER_GAIN = 0.01
 DENSITY_TOLERANCE = 0.1  # relative: an achieved density this close to the request goes unremarked
 
 
@@ -97,10 +108,53 @@ class TileMass:
             layout.view(heads, -1).scatter_(-1, chosen, True)
         return layout
 
-    def kept(self, layout: torch.Tensor) -> float:
-        """The fraction of the measured softmax probability that ``layout``'s tiles hold (1 = the
-        sparse attention drops nothing; ``density`` = attention spread evenly over the keys)."""
-        return float((self.mean * layout).sum() / self.mean.sum())
+    def kept(self, layout: torch.Tensor) -> torch.Tensor:
+        """``[H]``: the fraction of each head's measured softmax probability that ``layout``'s tiles
+        hold (1 = the sparse attention drops nothing; ``density`` = attention spread evenly)."""
+        mass = self.mean
+        return (mass * layout).sum((-2, -1)) / mass.sum((-2, -1))
+
+
+def position_major(length: int, frames: int) -> torch.Tensor:
+    """The permutation that puts ``frames`` x ``length / frames`` frame-major tokens in
+    position-major order: the reordered sequence holds token ``order[j]`` at ``j``."""
+    return torch.arange(length).reshape(frames, length // frames).T.reshape(-1)
+
+
+class HeadOrders:
+    """The tile masses of one attention layer in each token order it may run in: frame-major as
+    traced (``frames`` 1) and position-major for each candidate frame count. A head that attends
+    the same position across frames (a temporal head) has its keys spread over every frame's tiles
+    in frame-major order and in its queries' own tiles in position-major order (Sparse VideoGen's
+    layout transformation); each head runs in the order whose layout keeps the most of its
+    attention."""
+
+    def __init__(self, length: int, frame_counts: list[int]):
+        self.orders = {1: None} | {f: position_major(length, f) for f in frame_counts}
+        self.masses = {f: TileMass() for f in self.orders}
+
+    @property
+    def calls(self) -> int:
+        return self.masses[1].calls
+
+    def add(self, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
+        for frames, order in self.orders.items():
+            if order is None:
+                self.masses[frames].add(q, k, scale)
+            else:
+                order = order.to(q.device)
+                self.masses[frames].add(q[:, :, order], k[:, :, order], scale)
+
+    def choose(self, density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per head, the order (its frame count, 1 = as traced) whose layout keeps the most
+        attention, that layout and the attention it keeps: ``[H]``, ``[H, Mb, Nb]``, ``[H]``.
+        Ties keep the traced order."""
+        layouts = {f: mass.layout(density) for f, mass in self.masses.items()}
+        kept = torch.stack([self.masses[f].kept(layouts[f]) for f in self.orders])  # [orders, H]
+        best = torch.cat([kept[:1] + ORDER_GAIN, kept[1:]]).argmax(0)  # the traced order wins near-ties
+        frames = torch.tensor(list(self.orders), device=best.device)[best]
+        layout = torch.stack([layouts[int(f)][h] for h, f in enumerate(frames)])
+        return frames, layout, kept.gather(0, best[None])[0]
 
 
 def _measured_rows(length: int) -> torch.Tensor:
@@ -113,9 +167,9 @@ def _measured_rows(length: int) -> torch.Tensor:
 
 
 class _Profiler(fx.Interpreter):
-    """Runs the graph and feeds the q and k of the chosen attention nodes to their ``TileMass``."""
+    """Runs the graph and feeds the q and k of the chosen attention nodes to their ``HeadOrders``."""
 
-    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, TileMass]):
+    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, HeadOrders]):
         super().__init__(gm)
         self.sites = sites
 
@@ -141,7 +195,8 @@ class SparsifyAttention(Pass):
         sites = _sparsified(gm, ctx.config)
         for site in sites:
             _check_fixed_length(site)
-        masses = {s.node: TileMass() for s in sites}
+        masses = {s.node: HeadOrders(_length(s), frame_counts(gm, _length(s)) if ctx.config.reorder_tokens else [])
+                  for s in sites}
         samples = ctx.calibration_samples()
         with torch.no_grad():
             for sample in ctx.progress(samples, "measuring attention", total=len(samples)):
@@ -152,10 +207,10 @@ class SparsifyAttention(Pass):
                 mass = masses[site.node]
                 if mass.calls == 0:
                     raise CalibrationError(f"attention layer '{site.layer}' was never executed by the calibration samples")
-                layout = mass.layout(ctx.config.density)
-                _replace(gm, site, layout)
+                frames, layout, kept = mass.choose(ctx.config.density)
+                _replace(gm, site, layout, frames)
                 layouts[site.layer] = {"tiles": list(layout.shape), "density": layout.float().mean().item(),
-                                       "kept_mass": round(mass.kept(layout), 4)}
+                                       "kept_mass": round(kept.mean().item(), 4), "frames": frames.tolist()}
         _warn_if_rounded(ctx.config.density, {tuple(layout["tiles"][1:]) for layout in layouts.values()})
         ctx.analyses["attention_layouts"] = layouts
         return PassResult(finalize(gm), modified=bool(layouts))
@@ -164,6 +219,28 @@ class SparsifyAttention(Pass):
 def _sparsified(gm: fx.GraphModule, config: CompileConfig) -> list[AttentionSite]:
     keep_dense = LayerFilter(config.dense_attention, ())
     return [s for s in attention_sites(gm) if not keep_dense(s.layer)]
+
+
+def _length(site: AttentionSite) -> int:
+    return int(site.node.args[0].meta["val"].shape[-2])
+
+
+def frame_counts(gm: fx.GraphModule, length: int) -> list[int]:
+    """The frame counts ``F > 1`` that split ``length`` tokens as the video does: those of the
+    graph's 5-D values ``[B, C, F, H, W]`` with ``F * H * W == length`` (a video DiT's patch
+    embedding, whose output is flattened frame-major into the tokens)."""
+    counts = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 5 and all(_is_static(s) for s in val.shape[2:]):
+            f, h, w = map(int, val.shape[2:])
+            if f > 1 and f * h * w == length:
+                counts.add(f)
+    return sorted(counts)
+
+
+def _is_static(size: int | torch.SymInt) -> bool:
+    return not isinstance(size, torch.SymInt) or size.node.expr.is_number
 
 
 def _length_symbols(site: AttentionSite) -> set[sympy.Symbol]:
@@ -196,23 +273,68 @@ def _warn_if_rounded(density: float, grids: set[tuple[int, int]]) -> None:
                       f"{SPARSE_BLOCK_N}-key tile)", stacklevel=2)
 
 
-def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor) -> None:
-    owner = ADAPTER_PREFIX + site.layer
-    try:
-        target = register_buffer(gm, owner, "attn_layout", layout)
-    except AttributeError:  # the layer has no module of its own in the graph: keep it on the root
-        target = f"{site.node.name}_layout"
-        gm.register_buffer(target, layout)
+def _replace(gm: fx.GraphModule, site: AttentionSite, layout: torch.Tensor, frames: torch.Tensor) -> None:
+    """``site`` becomes ``qsc::sparse_attention`` with ``layout``; the heads with ``frames > 1``
+    attend in position-major order: their q, k and v are reordered before and the output after."""
+    graph = gm.graph
     q, k, v = site.node.args[:3]
-    with gm.graph.inserting_before(site.node):
-        sparse = gm.graph.call_function(
+    with graph.inserting_before(site.node):
+        orders = _head_orders(gm, site, frames, fake_mode=q.meta["val"].fake_mode)
+        q, k, v = (_reorder(graph, x, orders, inverse=False) for x in (q, k, v))
+        sparse = graph.call_function(
             SPARSE_ATTENTION,
-            (q, k, v, gm.graph.get_attr(target)),
+            (q, k, v, graph.get_attr(_buffer(gm, site, "attn_layout", layout))),
             {"scale": site.scale} if site.scale is not None else {},
         )
-    sparse.meta = {**site.node.meta, LAYER_META: site.layer}
-    site.node.replace_all_uses_with(sparse)
-    gm.graph.erase_node(site.node)
+        sparse.meta = {**site.node.meta, LAYER_META: site.layer}
+        out = _reorder(graph, sparse, orders, inverse=True)
+    site.node.replace_all_uses_with(out)
+    graph.erase_node(site.node)
+
+
+def _head_orders(gm: fx.GraphModule, site: AttentionSite, frames: torch.Tensor, fake_mode) -> dict[int, fx.Node | None]:
+    """Per frame count ``F > 1`` of ``frames``: the bool ``[1, H, 1, 1]`` buffer of the heads that
+    run in position-major order for ``F`` frames, or None where all heads do."""
+    orders = {}
+    for f in sorted(set(frames.tolist()) - {1}):
+        heads = (frames == f).reshape(1, -1, 1, 1)
+        if heads.all():
+            orders[f] = None
+            continue
+        mask = gm.graph.get_attr(_buffer(gm, site, f"position_major_{f}", heads))
+        mask.meta["val"] = fake_mode.from_tensor(heads)
+        orders[f] = mask
+    return orders
+
+
+def _buffer(gm: fx.GraphModule, site: AttentionSite, name: str, value: torch.Tensor) -> str:
+    """``value`` as a buffer of the layer's module; the get_attr target."""
+    try:
+        return register_buffer(gm, ADAPTER_PREFIX + site.layer, name, value)
+    except AttributeError:  # the layer has no module of its own in the graph: keep it on the root
+        target = f"{site.node.name}_{name}"
+        gm.register_buffer(target, value)
+        return target
+
+
+def _reorder(graph: fx.Graph, x: fx.Node, orders: dict[int, fx.Node | None], inverse: bool) -> fx.Node:
+    """``x`` (``[B, H, L, D]``) with the tokens of the heads in ``orders[F]`` in position-major order
+    for ``F`` frames (``inverse``: back to frame-major); the other heads' as they are. Reshapes,
+    a transpose and a select, which every backend and the ONNX export run as they are."""
+    for f, heads in orders.items():
+        length = x.meta["val"].shape[2]
+        split = [length // f, f] if inverse else [f, length // f]
+        moved = _call(graph, aten.unflatten.int, x, 2, split)
+        moved = _call(graph, aten.flatten.using_ints, _call(graph, aten.transpose.int, moved, 2, 3), 2, 3)
+        x = moved if heads is None else _call(graph, aten.where.self, heads, moved, x)
+    return x
+
+
+def _call(graph: fx.Graph, op, *args) -> fx.Node:
+    """A node applying ``op`` to ``args``, with the (fake) value it will have."""
+    node = graph.call_function(op, args)
+    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+    return node
 
 
 def sparse_attention_nodes(graph: fx.Graph) -> list[fx.Node]:

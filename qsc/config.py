@@ -81,6 +81,11 @@ class CompileConfig:
     # (1.0 = dense, no sparsification), and regexes on attention layer paths kept dense.
     density: float = 1.0
     dense_attention: tuple[str, ...] = ()
+    # Heads that attend across frames (the same position in every frame) run in position-major
+    # token order where that layout keeps more of their measured attention (Sparse VideoGen).
+    # Off by default: on the reference model it keeps more attention and raises PSNR but draws
+    # fewer prompts (benchmarks/README.md).
+    reorder_tokens: bool = False
     # SSAR: a dense refresh every ``ssar_tau`` denoising steps (0 = no residual correction), the
     # rank of the SVD that denoises the second-order residual (0 = not truncated), and leading
     # steps kept all dense.

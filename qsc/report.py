@@ -72,14 +72,16 @@ def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized
 
 def attention_table(attention: Mapping[str, Mapping[str, Any]]) -> Table:
     """One row per block-sparse attention layer: its tile grid (heads x query tiles x key tiles),
-    the fraction of tiles it computes and the fraction of the calibration samples' attention
-    probability those tiles hold."""
+    the fraction of tiles it computes, the fraction of the calibration samples' attention
+    probability those tiles hold and the heads that run in position-major token order."""
     table = Table(title="sparse attention layers")
-    for column in ("layer", "tiles (H x Q x K)", "density", "attention kept"):
+    for column in ("layer", "tiles (H x Q x K)", "density", "attention kept", "position-major heads"):
         table.add_column(column)
     for name, info in attention.items():
-        kept = f"{info['kept_mass']:.3f}" if "kept_mass" in info else "-"  # artifacts of older compiles lack it
-        table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}", kept)
+        # Artifacts of older compiles lack the last two.
+        kept = f"{info['kept_mass']:.3f}" if "kept_mass" in info else "-"
+        reordered = [str(h) for h, f in enumerate(info.get("frames", ())) if f > 1]
+        table.add_row(name, "x".join(map(str, info["tiles"])), f"{info['density']:.3f}", kept, ", ".join(reordered) or "-")
     return table
 
 

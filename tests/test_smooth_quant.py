@@ -14,20 +14,7 @@ from qsc.passes.smooth_quant import ALPHA_GRID, lowered_output, smoothing_factor
 from qsc.pipeline import no_progress
 from qsc.schemes import LinearScheme, SchemePlan
 
-from tiny_models import tiny_model
-
-OUTLIER_LAYER, OUTLIER_CHANNEL = "blocks.0.ffn.net.2", 5
-
-
-def with_outlier_channel(model: torch.nn.Module) -> torch.nn.Module:
-    """One hidden FFN channel 40x larger than the rest: the input of ``OUTLIER_LAYER`` gets an
-    activation outlier channel, as real video DiTs have."""
-    proj = model.blocks[0].ffn.net[0].proj
-    with torch.no_grad():
-        proj.weight[OUTLIER_CHANNEL] *= 40
-        proj.bias[OUTLIER_CHANNEL] = proj.bias[OUTLIER_CHANNEL].abs() * 40
-    return model
-
+from tiny_models import OUTLIER_LAYER, tiny_model, with_outlier_channel
 
 def smooth(model, preset="w4a8", progress=no_progress, **overrides):
     """Run the pipeline up to ``smooth_quant``; returns its context and the FP graph."""

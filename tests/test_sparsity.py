@@ -13,10 +13,10 @@ from qsc.evaluate import evaluate
 from qsc.frontend import DenoiserAdapter
 from qsc.graph import state_inputs
 from qsc.lowrank import change_factors
-from qsc.passes.sparsify_attention import TileMass
+from qsc.passes.sparsify_attention import HeadOrders, TileMass, position_major
 from qsc.runtime import SSARRuntime, SSARSchedule
 
-from tiny_models import tiny_model
+from tiny_models import VideoAttention, temporal_and_spatial_video, tiny_model
 
 aten, qsc_ops = torch.ops.aten, torch.ops.qsc
 
@@ -100,6 +100,23 @@ def test_layout_handles_a_ragged_last_tile_and_keeps_at_least_one_tile():
     assert (layout.sum(-1) == 1).all()  # round(0.08) = 0 tiles would leave rows empty: one is kept
     # Each row keeps its heaviest tile.
     assert torch.equal(layout.float().argmax(-1), mass.mean.argmax(-1).cpu())
+
+
+def test_a_temporal_head_moves_to_position_major_order_and_a_spatial_head_stays():
+    """A head that attends its position in all 4 frames needs 8 of 16 key tiles per query tile in
+    frame-major order and its own 2 in position-major order; a head attending itself keeps its
+    diagonal in both and stays as traced."""
+    temporal, spatial = _tokens(4, 256, 32, by="position"), _tokens(4, 256, 32, by="frame")
+    q = k = torch.cat([temporal, spatial], dim=1)  # [1, 2 heads, 1024, 32]
+    orders = HeadOrders(1024, [4])
+    orders.add(q, k, None)
+    frames, layout, kept = orders.choose(0.125)  # 2 key tiles per query tile
+    assert frames.tolist() == [4, 1]
+    assert kept[0] > 0.99 and kept[1] > 0.99
+    assert orders.masses[1].kept(orders.masses[1].layout(0.125))[0] < 0.3  # frame-major: 2 of its 8 tiles
+    for i in range(8):  # both heads on the diagonal of their own order
+        assert set(torch.nonzero(layout[0, i]).flatten().tolist()) == {2 * i, 2 * i + 1}
+    assert torch.equal(q[0, 0, position_major(1024, 4)][::4], temporal[0, 0, :256])  # position p's 4 frames adjacent
 
 
 # --- The pass on a model ---------------------------------------------------------------------------
@@ -186,6 +203,30 @@ def test_only_unmasked_non_causal_self_attention_is_sparsified():
     assert len(_ops(gm, qsc_ops.sparse_attention.default)) == 1
     assert len(_ops(gm, aten.scaled_dot_product_attention.default)) == 2
     assert [info["density"] for info in result.attention.values()] == [0.5]
+
+
+def _video_attention(**config):
+    samples = [{"video": temporal_and_spatial_video(seed=s)} for s in (0, 1)]
+    return qsc.compile(VideoAttention(), CalibrationSet.from_samples(samples), preset="w8a16",
+                       config={"density": 0.5, "calib_samples": 2, **config})
+
+
+def test_the_program_runs_a_temporal_head_in_position_major_order():
+    """4 frames of 8 x 8 tokens: 2 x 4 tiles, 2 kept per query tile. Reordered, the temporal head
+    keeps all its attention and the program is dense attention to rounding; as traced it drops the
+    keys of 2 of the 4 frames."""
+    result = _video_attention(reorder_tokens=True)
+    (info,) = result.attention.values()
+    assert info["frames"] == [4, 1] and info["kept_mass"] > 0.99
+    gm = result.program.graph_module
+    assert len(_ops(gm, aten.where.self)) == 4  # q, k and v into the order, the output back: head 0 only
+    video = temporal_and_spatial_video(seed=2)
+    dense = VideoAttention()(video)
+    traced = _video_attention(reorder_tokens=False)
+    assert [info["frames"] for info in traced.attention.values()] == [[1, 1]]
+    with torch.no_grad():
+        error = (result.module(video=video) - dense).abs().max()
+        assert (traced.module(video=video) - dense).abs().max() > max(100 * error, 1e-2)
 
 
 # --- SSAR: programs and runtime --------------------------------------------------------------------
