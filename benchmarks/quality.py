@@ -64,6 +64,12 @@ LADDER = {
     # MSAD's terms weighted 3 to the reconstruction's 1 (each term normalised by its first value).
     "salient per step + sparse-token + MSAD x3 + error compensation": {**QSC, "msad_global": 3.0, "msad_local": 3.0},
     "salient per step + sparse-token + error compensation from RTN": {**QSC, "smooth_quant": False},
+    # QuaRot's randomised Hadamard rotation of the quantized linears' inputs: with round-to-nearest,
+    # with GPTQ (QuaRot's own pipeline) and under the preset.
+    "RTN + Hadamard rotation": {"smooth_quant": False, "rotate_inputs": True},
+    "RTN + Hadamard rotation + error compensation (GPTQ)": {"smooth_quant": False, "rotate_inputs": True,
+                                                           "compensate_weights": True},
+    "salient per step + sparse-token + error compensation + Hadamard rotation (qsc preset)": {**QSC, "rotate_inputs": True},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
 SPARSE_LADDER = {
@@ -79,6 +85,8 @@ SPARSE_LADDER = {
     # SSAR's two knobs: a refresh every 3 steps instead of 5, a rank-32 residual instead of 16.
     "QuantSparse + error compensation + refresh every 3 steps": {"ssar_tau": 3},
     "QuantSparse + error compensation + SSAR rank 32": {"ssar_rank": 32},
+    "QuantSparse + error compensation + per-head token order": {"reorder_tokens": True},
+    "QuantSparse + error compensation + per-head token order + refresh every 3 steps": {"reorder_tokens": True, "ssar_tau": 3},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics

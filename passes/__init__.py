@@ -1,6 +1,6 @@
 """The compiler passes, one module each, in pipeline order.
 
-    select_calibration -> insert_observers -> calibrate -> smooth_quant -> learn_scales
+    rotate_inputs -> select_calibration -> insert_observers -> calibrate -> smooth_quant -> learn_scales
         -> compensate_weights -> quantize_linear -> sparsify_attention -> second_order_reparam
 
 ``REGISTRY`` maps pass names (as used in configs and ``--dump-ir`` file names) to their classes;
@@ -18,6 +18,7 @@ from .compensate_weights import CompensateWeights
 from .insert_observers import InsertObservers
 from .learn_scales import LearnScales
 from .quantize_linear import QuantizeLinear
+from .rotate_inputs import RotateInputs
 from .second_order_reparam import SecondOrderReparam
 from .select_calibration import SelectCalibration
 from .smooth_quant import SmoothQuant
@@ -26,7 +27,7 @@ from .sparsify_attention import SparsifyAttention
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (
-        SelectCalibration, InsertObservers, Calibrate, SmoothQuant, LearnScales, CompensateWeights, QuantizeLinear,
+        RotateInputs, SelectCalibration, InsertObservers, Calibrate, SmoothQuant, LearnScales, CompensateWeights, QuantizeLinear,
         SparsifyAttention, SecondOrderReparam,
     )
 }
@@ -35,7 +36,10 @@ REGISTRY: dict[str, type[Pass]] = {
 def default_pass_names(config: CompileConfig) -> list[str]:
     """The pipeline a configuration asks for when it does not list its passes explicitly."""
     # Uniform selection is the calibration set's even spread, which every pass gets by default.
-    names = [] if config.calib_selection == "uniform" else ["select_calibration"]
+    # The rotation first: every later pass measures and fits the layers as they will run.
+    names = ["rotate_inputs"] if config.rotate_inputs else []
+    if config.calib_selection != "uniform":
+        names.append("select_calibration")
     names += ["insert_observers", "calibrate"]
     if config.smooth_quant:
         names.append("smooth_quant")

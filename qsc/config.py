@@ -36,6 +36,9 @@ class CompileConfig:
     a_bits: int = 8
     group_size: int = 0  # 0 = one scale per output channel
     a_clip: float = 1.0  # activation clipping ratio of the per-token max
+    # Quantized linears take their input in a randomised block-Hadamard basis, the weight rotated
+    # to match (pass ``rotate_inputs``, QuaRot): outlier channels spread over their block.
+    rotate_inputs: bool = False
     smooth_quant: bool = True
     # Migration strength a of s_j = max|X_j|^a / max|W_j|^(1-a): a number in [0, 1] for every
     # layer, or "auto": each layer searches a grid (and no migration) for its lowest output error.

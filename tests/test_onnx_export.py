@@ -29,12 +29,13 @@ pytest.importorskip("onnxscript")
 
 import qsc  # noqa: E402
 from qsc.backends.tensorrt import engine, onnx_export, ort, plugins  # noqa: E402
+from qsc.calibration import CalibrationSet  # noqa: E402
 from qsc.cli import cli  # noqa: E402
 from qsc.errors import ConfigError  # noqa: E402
 from qsc.metrics import relative_l2  # noqa: E402
 from qsc.models import synthetic_calibration  # noqa: E402
 
-from tiny_models import tiny_model  # noqa: E402
+from tiny_models import VideoAttention, temporal_and_spatial_video, tiny_model  # noqa: E402
 
 REL_L2 = 2e-3
 REL_L2_FLOAT = 1e-6
@@ -110,6 +111,29 @@ def test_plugin_free_graph_equals_pytorch_to_rounding_with_float_activations(art
 def test_reference_model(artifact):
     path = artifact("reference", "w4a8")
     _compare(path, _export(path, use_plugins=False), REL_L2)
+
+
+def test_heads_in_position_major_order_export_as_standard_operators(tmp_path):
+    samples = [{"video": temporal_and_spatial_video(seed=s)} for s in (0, 1)]
+    result = qsc.compile(VideoAttention(), CalibrationSet.from_samples(samples), preset="w8a16",
+                         config={"density": 0.5, "calib_samples": 2, "reorder_tokens": True})
+    assert [info["frames"] for info in result.attention.values()] == [[4, 1]]  # head 0 reordered
+    path = result.save(tmp_path / "video.qsc")
+    exported = _export(path, use_plugins=False)
+    (graph,) = _checked(exported)
+    assert {"Where", "Transpose"} <= {n.op_type for n in graph.graph.node}
+    _compare(path, exported, REL_L2_FLOAT)
+
+
+def test_rotated_inputs_export_as_standard_matmuls(tmp_path):
+    model = tiny_model("wan")
+    result = qsc.compile(model, synthetic_calibration(model, 2, seed=0), preset="w4a8",
+                         config={"calib_samples": 2, "check_numerics": False, "rotate_inputs": True})
+    path = result.save(tmp_path / "rotated.qsc")
+    exported = _export(path, use_plugins=False)
+    (graph,) = _checked(exported)
+    assert sum(n.op_type == "MatMul" for n in graph.graph.node) >= 2 * 7  # the rotations of 2 blocks
+    _compare(path, exported, REL_L2)
 
 
 def _other_size(batch: int, frames: int, height: int, width: int, text: int, seed: int = 2) -> dict[str, torch.Tensor]:
