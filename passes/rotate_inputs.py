@@ -9,10 +9,11 @@ block and the per-token range shrinks towards the typical value; ``W R`` is spre
 ``R`` is block-diagonal: blocks of ``b`` channels, ``b`` the largest power of two dividing the
 input width, at most ``MAX_BLOCK``, every block ``diag(signs) H_b / sqrt(b)`` with Sylvester's
 Hadamard matrix ``H_b`` and random signs drawn from the compile's seed, one draw per block size
-for the whole model (QuaRot too rotates every layer alike): the program holds one ``b x b``
-matrix per size, a few hundred KiB, not one per layer. It costs ``b`` multiply-adds per input
-channel and token (a full ``K x K`` rotation of a 8960-wide FFN input would cost six times the
-layer's own low-bit GEMM); an online fast Walsh-Hadamard transform would cost ``log2 b``.
+for the whole model (QuaRot too rotates every layer alike). The program holds the +-1 entries of
+``diag(signs) H_b`` as int8 (16 KiB at b = 128), multiplies in the model's dtype and scales by
+``1 / sqrt(b)`` after. It costs ``b`` multiply-adds per input channel and token (a full
+``K x K`` rotation of a 8960-wide FFN input would cost six times the layer's own low-bit GEMM);
+an online fast Walsh-Hadamard transform would cost ``log2 b``.
 
 The pass rewrites the float graph before anything is measured, so every later pass (observers,
 SmoothQuant, scale learning, GPTQ) works on the rotated layer as if the model were trained so:
@@ -36,7 +37,9 @@ from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import FLOAT_ACTIVATIONS, SchemePlan
 
 aten = torch.ops.aten
-MAX_BLOCK = 512  # 512 multiply-adds per channel: a fraction of a 4-bit GEMM's work at width >= 1536
+# 128: every width of the supported models divides into such blocks (1536, 3072, 8960 = 70 x 128),
+# an outlier channel is spread 11-fold, and the rotation costs a tenth of a 1536-wide layer's GEMM.
+MAX_BLOCK = 128
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -52,17 +55,17 @@ def block_size(width: int) -> int:
     return min(width & -width, MAX_BLOCK)
 
 
-def random_hadamard(b: int, generator: torch.Generator) -> torch.Tensor:
-    """``diag(signs) H_b / sqrt(b)``: orthogonal, every entry +-1/sqrt(b)."""
-    signs = torch.randint(0, 2, (b, 1), generator=generator).float() * 2 - 1
-    return signs * hadamard(b) / math.sqrt(b)
+def signed_hadamard(b: int, generator: torch.Generator) -> torch.Tensor:
+    """``diag(signs) H_b`` in int8: ``R``'s block times ``sqrt(b)``, entries +-1."""
+    signs = torch.randint(0, 2, (b, 1), generator=generator) * 2 - 1
+    return (signs * hadamard(b)).to(torch.int8)
 
 
-def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``x R`` for the block-diagonal ``R`` whose every block is ``rotation`` (``[..., K]`` ->
+def rotate(x: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    """``x R`` for the block-diagonal ``R`` of blocks ``signed / sqrt(b)`` (``[..., K]`` ->
     ``[..., K]``), with the ops of the rewritten graph."""
-    b = rotation.shape[0]
-    return torch.matmul(x.unflatten(-1, (-1, b)), rotation).flatten(-2)
+    b = signed.shape[0]
+    return (torch.matmul(x.unflatten(-1, (-1, b)), signed.to(x.dtype)) * b ** -0.5).flatten(-2)
 
 
 class RotateInputs(Pass):
@@ -89,7 +92,7 @@ class RotateInputs(Pass):
                 b = block_size(gm.get_parameter(sites[0].weight_target).shape[1])
                 if b not in matrices:
                     matrices[b] = f"input_rotation_{b}"
-                    gm.register_buffer(matrices[b], random_hadamard(b, ctx.rng).to(x.meta["val"].dtype))
+                    gm.register_buffer(matrices[b], signed_hadamard(b, ctx.rng))
                 rotation = gm.get_buffer(matrices[b])
                 rotated = _insert_rotation(gm, x, sites[0], matrices[b])
                 for site in sites:
@@ -105,23 +108,26 @@ def _rotate_weight(gm: fx.GraphModule, site: LinearSite, rotation: torch.Tensor)
     weight = gm.get_parameter(site.weight_target).detach()
     owner = gm.get_submodule(site.owner_target)
     setattr(owner, site.weight_target.rpartition(".")[2],
-            torch.nn.Parameter(rotate(weight.float(), rotation.float()).to(weight.dtype), requires_grad=False))
+            torch.nn.Parameter(rotate(weight.float(), rotation).to(weight.dtype), requires_grad=False))
 
 
 def _insert_rotation(gm: fx.GraphModule, x: fx.Node, first: LinearSite, target: str) -> fx.Node:
-    """``x R`` as graph nodes in front of ``first``, ``R``'s block the buffer ``target``."""
+    """``x R`` (``rotate``) as graph nodes in front of ``first``, ``R``'s block from buffer ``target``."""
     value = x.meta["val"]
     b = gm.get_buffer(target).shape[0]
+    split = value.unflatten(-1, (-1, b))
     graph = gm.graph
     with graph.inserting_before(first.node):
-        matrix = graph.get_attr(target)
+        signed = graph.get_attr(target)
+        matrix = graph.call_function(aten._to_copy.default, (signed,), {"dtype": value.dtype})
         blocks = graph.call_function(aten.unflatten.int, (x, -1, [value.shape[-1] // b, b]))
         product = graph.call_function(aten.matmul.default, (blocks, matrix))
-        rotated = graph.call_function(aten.flatten.using_ints, (product, -2, -1))
+        scaled = graph.call_function(aten.mul.Tensor, (product, b ** -0.5))
+        rotated = graph.call_function(aten.flatten.using_ints, (scaled, -2, -1))
     # The rotation belongs to the layer, whatever produced x (the block partition of learn_scales
     # reads the module provenance).
     stack = first.node.meta.get("nn_module_stack", {})
-    split = value.unflatten(-1, (-1, b))
-    for node, val in ((matrix, value.new_empty(b, b)), (blocks, split), (product, split), (rotated, value)):
+    values = (value.new_empty(b, b, dtype=torch.int8), value.new_empty(b, b), split, split, split, value)
+    for node, val in zip((signed, matrix, blocks, product, scaled, rotated), values):
         node.meta = {**x.meta, "nn_module_stack": stack, "val": val}
     return rotated
