@@ -176,6 +176,10 @@ S2Q = dict(calib_selection="salient-per-step", calib_samples=40, learn_scales=Tr
 # QuantSparse: scale learning with multi-scale salient attention distillation, then the same
 # error compensation.
 MSAD = dict(learn_scales=True, calib_samples=40, msad_global=1.0, msad_local=1.0, compensate_weights=True)
+# QuaRot's recipe: the quantized linears' inputs in a randomised Hadamard basis, round-to-nearest
+# scales, GPTQ codes. No learning: on the reference model the best W4A6 and W4A4 in half the
+# preset compile time (benchmarks/README.md: W4A6 25.8 dB, the adherence of FP).
+ROTATED = dict(rotate_inputs=True, smooth_quant=False, compensate_weights=True)
 # ``--fast``: a short compile with the same passes (tests, CI, a first look).
 FAST = dict(scale_epochs=1, calib_samples=8)
 
@@ -187,6 +191,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a4": dict(w_bits=4, a_bits=4),
     "w4a8-s2q": dict(w_bits=4, a_bits=8, **S2Q),
     "w4a6-s2q": dict(w_bits=4, a_bits=6, **S2Q),
+    "w4a6-rot": dict(w_bits=4, a_bits=6, **ROTATED),
+    "w4a4-rot": dict(w_bits=4, a_bits=4, **ROTATED),
     # QuantSparse's pipeline: W4A8 learned with MSAD, 15% attention tiles, SSAR refreshing every 5
     # steps (``learn_scales = false`` gives the PTQ version, for the ablation).
     "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=5, **MSAD),

@@ -69,6 +69,8 @@ def test_pipeline_follows_the_config():
     assert names() == ["insert_observers", "calibrate", "smooth_quant", "quantize_linear"]
     assert names(smooth_quant=False) == ["insert_observers", "calibrate", "quantize_linear"]
     assert names(passes=["quantize_linear"]) == ["quantize_linear"]
+    rotated = [p.name for p in pipeline_for(qsc.resolve_config("w4a6-rot"))]
+    assert rotated == ["rotate_inputs", "insert_observers", "calibrate", "compensate_weights", "quantize_linear"]
     with pytest.raises(PipelineError, match="unknown pass"):
         names(passes=["quantise"])
 
