@@ -70,7 +70,7 @@ LADDER = {
     "RTN + Hadamard rotation + error compensation (GPTQ)": {"smooth_quant": False, "rotate_inputs": True,
                                                            "compensate_weights": True},
     "salient per step + sparse-token + error compensation + Hadamard rotation (qsc preset)": {**QSC, "rotate_inputs": True},
-    "salient per step + sparse-token + error compensation + Hadamard rotation, from RTN": {
+    "salient per step + sparse-token + error compensation + Hadamard rotation from RTN": {
         **QSC, "rotate_inputs": True, "smooth_quant": False},
 }
 # QuantSparse's setting (W4A8, 15% of the attention tiles, SSAR): PTQ against the full pipeline.
