@@ -64,6 +64,8 @@ LADDER = {
     # MSAD's terms weighted 3 to the reconstruction's 1 (each term normalised by its first value).
     "salient per step + sparse-token + MSAD x3 + error compensation": {**QSC, "msad_global": 3.0, "msad_local": 3.0},
     "salient per step + sparse-token + error compensation from RTN": {**QSC, "smooth_quant": False},
+    # The preset with the clipping ratios left at 1 (only the smoothing learned).
+    "salient per step + sparse-token + error compensation with clipping not learned": {**QSC, "lr_clip": 0.0},
     # QuaRot's randomised Hadamard rotation of the quantized linears' inputs: with round-to-nearest,
     # with GPTQ (QuaRot's own pipeline) and under the preset.
     "RTN + Hadamard rotation": {"smooth_quant": False, "rotate_inputs": True},
