@@ -92,6 +92,7 @@ SPARSE_LADDER = {
     "QuantSparse + error compensation + per-head token order": {"reorder_tokens": True},
     "QuantSparse + error compensation + per-head token order + refresh every 3 steps": {"reorder_tokens": True, "ssar_tau": 3},
     "QuantSparse + error compensation + Hadamard rotation": {"rotate_inputs": True},
+    "QuantSparse + error compensation with clipping not learned": {"lr_clip": 0.0},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
