@@ -26,7 +26,7 @@ from torch import fx
 from qsc import quant
 from qsc.fake_quant import QuantizedLinear
 from qsc.gptq import Gram, gptq_codes
-from qsc.graph import finalize, quantizable_linears, substitute_linears
+from qsc.graph import finalize, substitute_linears
 from qsc.partition import Stream, needed_after, partition_blocks
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import SchemePlan
@@ -44,14 +44,9 @@ class CompensateWeights(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
-        plan = SchemePlan(cfg)
         clips = ctx.analyses.get("weight_clip", {})
         a_clips = ctx.analyses.get("activation_clip", {})
-        sites = {}
-        for site in quantizable_linears(gm, cfg.include, cfg.exclude):
-            scheme = plan.scheme(site.layer, gm.get_parameter(site.weight_target).shape[1])
-            if scheme is not None:
-                sites[site.layer] = (site, scheme)
+        sites = {site.layer: (site, scheme) for site, scheme in SchemePlan(cfg).linears(gm)}
         partitions = partition_blocks(gm, cfg.include)
         calib = ctx.calibration
         count = cfg.compensation_samples or len(calib)

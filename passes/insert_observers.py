@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qsc.graph import at_node, finalize, quantizable_linears
+from qsc.graph import at_node, finalize
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import SchemePlan
 
@@ -99,12 +99,11 @@ class InsertObservers(Pass):
         cfg = ctx.config
         root = torch.nn.Module()
         gm.add_submodule(OBSERVER_ROOT, root)
-        plan = SchemePlan(cfg)
         observers, weight_stats = {}, {}
-        for site in quantizable_linears(gm, cfg.include, cfg.exclude):
+        for site, scheme in SchemePlan(cfg).linears(gm):
             with at_node(site.node):
                 weight = gm.get_parameter(site.weight_target)
-                samples = searches_alpha(cfg, plan.scheme(site.layer, weight.shape[1]))
+                samples = searches_alpha(cfg, scheme)
                 # A seed of its own per observer: the rows a layer samples do not depend on
                 # how many rows the layers before it drew.
                 seed = int(torch.randint(2**62, (), generator=ctx.rng)) if samples else None

@@ -48,10 +48,10 @@ from qsc import distill
 from qsc.errors import InputError
 from qsc.fake_quant import Folded, LearnedLinear
 from qsc.fsutil import atomic_file
-from qsc.graph import LinearSite, attention_sites, finalize, quantizable_linears, substitute_linears
+from qsc.graph import LinearSite, attention_sites, finalize, substitute_linears
 from qsc.partition import Partition, Stream, needed_after, partition_blocks
 from qsc.pipeline import Pass, PassContext, PassResult
-from qsc.schemes import FLOAT_ACTIVATIONS, LinearScheme, SchemePlan
+from qsc.schemes import LinearScheme, SchemePlan
 
 MIN_POOLED_TOKENS = 64
 CHECKPOINT = "learn_scales.safetensors"
@@ -194,11 +194,9 @@ class LearnScales(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
-        plan = SchemePlan(cfg)
-        schemes = {s.layer: plan.scheme(s.layer, gm.get_parameter(s.weight_target).shape[1])
-                   for s in quantizable_linears(gm, cfg.include, cfg.exclude)}
-        sites = [s for s in quantizable_linears(gm, cfg.include, cfg.exclude)
-                 if schemes[s.layer] and schemes[s.layer].a_bits != FLOAT_ACTIVATIONS]
+        planned = SchemePlan(cfg).linears(gm, quantized_input=True)
+        schemes = {s.layer: scheme for s, scheme in planned}
+        sites = [s for s, _ in planned]
         checkpoint = Checkpoint(ctx.checkpoint_dir, _fingerprint(ctx, sites, gm), ctx.resume)
         partitions = partition_blocks(gm, cfg.include)
         keep = needed_after(gm, partitions)

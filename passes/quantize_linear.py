@@ -33,6 +33,7 @@ class QuantizeLinear(Pass):
         fixed_scales = ctx.analyses.get("weight_scale", {})
         a_clips = ctx.analyses.get("activation_clip", {})
         smoothing = ctx.analyses.get("smoothing", {})
+        rotations = ctx.analyses.get("rotations", {})
         layers, replaced = {}, []
         sites = linear_sites(gm)
         for site in ctx.progress(sites, "quantizing weights", total=len(sites)):
@@ -70,6 +71,8 @@ class QuantizeLinear(Pass):
                 layers[site.layer] = layer_record(weight, scheme, smoothed=in_scale is not None)
                 if site.layer in smoothing:  # the migration strength used (None: searched, none won)
                     layers[site.layer]["smooth_alpha"] = smoothing[site.layer].alpha
+                if site.layer in rotations:  # the block size of the Hadamard rotation its input takes
+                    layers[site.layer]["rotation_block"] = rotations[site.layer]
                 replaced.append(site.weight_target)
         finalize(gm)  # drops the now-dead get_attr of each float weight and the smoothing muls
         for target in replaced:

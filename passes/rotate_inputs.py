@@ -26,15 +26,14 @@ quantizer gains from it.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 from torch import fx
 
-from qsc.graph import LinearSite, at_node, finalize, quantizable_linears
+from qsc.graph import LinearSite, at_node, fake_call, finalize
 from qsc.pipeline import Pass, PassContext, PassResult
-from qsc.schemes import FLOAT_ACTIVATIONS, SchemePlan
+from qsc.schemes import SchemePlan
 
 aten = torch.ops.aten
 # 128: every width of the supported models divides into such blocks (1536, 3072, 8960 = 70 x 128),
@@ -73,13 +72,8 @@ class RotateInputs(Pass):
     produces = ("rotations",)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        cfg = ctx.config
-        plan = SchemePlan(cfg)
         groups: dict[tuple[fx.Node, str], list[LinearSite]] = defaultdict(list)
-        for site in quantizable_linears(gm, cfg.include, cfg.exclude):
-            scheme = plan.scheme(site.layer, gm.get_parameter(site.weight_target).shape[1])
-            if scheme is None or scheme.a_bits == FLOAT_ACTIVATIONS:
-                continue
+        for site, _ in SchemePlan(ctx.config).linears(gm, quantized_input=True):
             if len(site.node.args[1].users) > 1:
                 continue  # a weight shared by several linears would be rotated twice
             # One rotation per input and module: q, k and v share theirs, while the text that the
@@ -115,19 +109,18 @@ def _insert_rotation(gm: fx.GraphModule, x: fx.Node, first: LinearSite, target: 
     """``x R`` (``rotate``) as graph nodes in front of ``first``, ``R``'s block from buffer ``target``."""
     value = x.meta["val"]
     b = gm.get_buffer(target).shape[0]
-    split = value.unflatten(-1, (-1, b))
     graph = gm.graph
     with graph.inserting_before(first.node):
         signed = graph.get_attr(target)
-        matrix = graph.call_function(aten._to_copy.default, (signed,), {"dtype": value.dtype})
-        blocks = graph.call_function(aten.unflatten.int, (x, -1, [value.shape[-1] // b, b]))
-        product = graph.call_function(aten.matmul.default, (blocks, matrix))
-        scaled = graph.call_function(aten.mul.Tensor, (product, b ** -0.5))
-        rotated = graph.call_function(aten.flatten.using_ints, (scaled, -2, -1))
+        signed.meta["val"] = value.new_empty(b, b, dtype=torch.int8)
+        matrix = fake_call(graph, aten._to_copy.default, signed, dtype=value.dtype)
+        blocks = fake_call(graph, aten.unflatten.int, x, -1, [value.shape[-1] // b, b])
+        product = fake_call(graph, aten.matmul.default, blocks, matrix)
+        scaled = fake_call(graph, aten.mul.Tensor, product, b ** -0.5)
+        rotated = fake_call(graph, aten.flatten.using_ints, scaled, -2, -1)
     # The rotation belongs to the layer, whatever produced x (the block partition of learn_scales
     # reads the module provenance).
     stack = first.node.meta.get("nn_module_stack", {})
-    values = (value.new_empty(b, b, dtype=torch.int8), value.new_empty(b, b), split, split, split, value)
-    for node, val in zip((signed, matrix, blocks, product, scaled, rotated), values):
-        node.meta = {**x.meta, "nn_module_stack": stack, "val": val}
+    for node in (signed, matrix, blocks, product, scaled, rotated):
+        node.meta = {**x.meta, "nn_module_stack": stack, "val": node.meta["val"]}
     return rotated

@@ -45,9 +45,8 @@ import torch
 from torch import fx
 
 from qsc.calibration import CalibrationSet
-from qsc.graph import quantizable_linears
 from qsc.pipeline import Pass, PassContext, PassResult
-from qsc.schemes import FLOAT_ACTIVATIONS, SchemePlan
+from qsc.schemes import SchemePlan
 
 LATENT = "hidden_states"  # the diffusers name of the latent a denoiser call takes
 # What tells one recorded trajectory from another: the bundled sampler labels the guidance branch
@@ -103,13 +102,7 @@ class _GramNorms(fx.Interpreter):
 def quantization_saliency(gm: fx.GraphModule, ctx: PassContext) -> torch.Tensor:
     """``C_quant`` of every sample of the set: per-layer Gram norms, each layer scaled to a maximum
     of 1 over the samples, summed."""
-    plan = SchemePlan(ctx.config)
-    layers = {
-        site.node: site.layer
-        for site in quantizable_linears(gm, ctx.config.include, ctx.config.exclude)
-        if (scheme := plan.scheme(site.layer, site.node.args[1].meta["val"].shape[1])) is not None
-        and scheme.a_bits != FLOAT_ACTIVATIONS
-    }
+    layers = {site.node: site.layer for site, _ in SchemePlan(ctx.config).linears(gm, quantized_input=True)}
     placeholders = [n.target for n in gm.graph.find_nodes(op="placeholder")]
     rows = []
     with torch.no_grad():

@@ -31,7 +31,7 @@ from qsc import quant
 from qsc.backends import reference
 from qsc.config import AUTO_ALPHA, CompileConfig
 from qsc.errors import CalibrationError
-from qsc.graph import SMOOTH_META, LinearSite, at_node, finalize, quantizable_linears, register_buffer
+from qsc.graph import SMOOTH_META, LinearSite, at_node, finalize, register_buffer
 from qsc.pipeline import Pass, PassContext, PassResult
 from qsc.schemes import FLOAT_ACTIVATIONS, LinearScheme, SchemePlan
 
@@ -100,17 +100,15 @@ class SmoothQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = ctx.config
-        plan = SchemePlan(cfg)
         applied = {}
-        sites = quantizable_linears(gm, cfg.include, cfg.exclude)
+        sites = SchemePlan(cfg).linears(gm, quantized_input=True)
         # The alpha search lowers each layer once per candidate: minutes on a CPU for a 1.3B model.
         description = "searching smoothing strengths" if cfg.smooth_alpha == AUTO_ALPHA else "smoothing"
-        for site in ctx.progress(sites, description, total=len(sites)):
+        for site, scheme in ctx.progress(sites, description, total=len(sites)):
             with at_node(site.node):
-                weight = gm.get_parameter(site.weight_target).detach()
-                scheme = plan.scheme(site.layer, weight.shape[1])
-                if not smooths(scheme) or len(site.node.args[1].users) > 1:
+                if len(site.node.args[1].users) > 1:
                     continue  # a weight shared by several linears cannot take one layer's factors
+                weight = gm.get_parameter(site.weight_target).detach()
                 applied[site.layer] = smoothing = self._choose(site, weight, scheme, ctx)
                 _apply(gm, site, weight, smoothing.factors)
         ctx.analyses["smoothing"] = applied

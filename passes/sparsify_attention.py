@@ -45,7 +45,9 @@ from torch import fx
 from qsc.backends.reference import SPARSE_BLOCK_M, SPARSE_BLOCK_N
 from qsc.config import CompileConfig
 from qsc.errors import CalibrationError, ConfigError
-from qsc.graph import ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, attention_sites, finalize, register_buffer
+from qsc.graph import (
+    ADAPTER_PREFIX, AttentionSite, LayerFilter, at_node, attention_sites, fake_call, finalize, register_buffer,
+)
 from qsc.pipeline import Pass, PassContext, PassResult
 
 ROWS_PER_TILE = 32  # query rows of a tile whose attention is measured: enough to rank key tiles
@@ -324,17 +326,10 @@ def _reorder(graph: fx.Graph, x: fx.Node, orders: dict[int, fx.Node | None], inv
     for f, heads in orders.items():
         length = x.meta["val"].shape[2]
         split = [length // f, f] if inverse else [f, length // f]
-        moved = _call(graph, aten.unflatten.int, x, 2, split)
-        moved = _call(graph, aten.flatten.using_ints, _call(graph, aten.transpose.int, moved, 2, 3), 2, 3)
-        x = moved if heads is None else _call(graph, aten.where.self, heads, moved, x)
+        moved = fake_call(graph, aten.unflatten.int, x, 2, split)
+        moved = fake_call(graph, aten.flatten.using_ints, fake_call(graph, aten.transpose.int, moved, 2, 3), 2, 3)
+        x = moved if heads is None else fake_call(graph, aten.where.self, heads, moved, x)
     return x
-
-
-def _call(graph: fx.Graph, op, *args) -> fx.Node:
-    """A node applying ``op`` to ``args``, with the (fake) value it will have."""
-    node = graph.call_function(op, args)
-    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
-    return node
 
 
 def sparse_attention_nodes(graph: fx.Graph) -> list[fx.Node]:

@@ -227,6 +227,15 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def fake_call(graph: fx.Graph, op: Callable, *args, **kwargs) -> fx.Node:
+    """A node applying ``op`` to ``args`` and ``kwargs`` at the graph's insertion point, with the
+    (fake) value it will have as its ``val``, as ``torch.export`` gives every node."""
+    node = graph.call_function(op, args, kwargs)
+    value = pytree.tree_map_only(fx.Node, lambda a: a.meta["val"], (args, kwargs))
+    node.meta["val"] = op(*value[0], **value[1])
+    return node
+
+
 @contextlib.contextmanager
 def at_node(node: fx.Node) -> Iterator[None]:
     """Tag any exception raised while rewriting ``node`` so the pass manager can name it."""

@@ -54,13 +54,14 @@ def pass_table(pass_log: Iterable[Mapping[str, Any]]) -> Table:
 def layer_table(layers: Mapping[str, Mapping[str, Any]], title: str = "quantized layers") -> Table:
     """One row per layer. Scheme ``W4A8 g128 +sq a=0.5``: int4 weights in groups of 128 input
     channels, int8 per-token activations, SmoothQuant factors of migration strength 0.5 folded in
-    (``A16``: activations stay float)."""
+    (``A16``: activations stay float); ``+rot128``: the input rotated in blocks of 128 channels."""
     table = Table(title=title)
     for column in ("layer", "shape", "scheme", "bytes"):
         table.add_column(column, overflow="fold")
     for name, info in layers.items():
         scheme = LinearScheme(info["w_bits"], info["a_bits"], info["group_size"]).label
         scheme += _smoothing_label(info) if info.get("smoothed") else ""
+        scheme += f" +rot{info['rotation_block']}" if "rotation_block" in info else ""
         table.add_row(
             name,
             "x".join(map(str, info["shape"])),

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import fx
 
 from . import quant
 from .config import CompileConfig
-from .graph import LayerFilter
+from .graph import LayerFilter, LinearSite, quantizable_linears
 
 FLOAT_ACTIVATIONS = 16
 
@@ -53,6 +54,14 @@ class SchemePlan:
         if cfg.weight_only_bits and not self.kept_float(layer):
             return LinearScheme(cfg.weight_only_bits, FLOAT_ACTIVATIONS, 0)
         return None
+
+    def linears(self, gm: fx.GraphModule, *, quantized_input: bool = False) -> list[tuple[LinearSite, LinearScheme]]:
+        """The linears ``include``/``exclude`` select, in graph order, each with its scheme; with
+        ``quantized_input``, only those whose activations are quantized too (the passes that
+        reshape an activation's range have nothing to do where it stays float)."""
+        sites = quantizable_linears(gm, self.cfg.include, self.cfg.exclude)
+        pairs = [(s, self.scheme(s.layer, gm.get_parameter(s.weight_target).shape[1])) for s in sites]
+        return [(s, scheme) for s, scheme in pairs if not quantized_input or scheme.a_bits != FLOAT_ACTIVATIONS]
 
 
 def layer_record(weight: torch.Tensor, scheme: LinearScheme, smoothed: bool) -> dict[str, Any]:

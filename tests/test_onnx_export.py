@@ -130,6 +130,10 @@ def test_rotated_inputs_export_as_standard_matmuls(tmp_path):
     result = qsc.compile(model, synthetic_calibration(model, 2, seed=0), preset="w4a8",
                          config={"calib_samples": 2, "check_numerics": False, "rotate_inputs": True})
     path = result.save(tmp_path / "rotated.qsc")
+    # The manifest says which layers take a rotated input, and in blocks of how many channels.
+    layers = qsc.load(path, backend="reference").manifest["layers"]
+    blocks = {name: info["rotation_block"] for name, info in layers.items() if "rotation_block" in info}
+    assert blocks["blocks.0.attn1.to_q"] == 64 and blocks["blocks.1.ffn.net.2"] == 128 and len(blocks) == 2 * 10
     exported = _export(path, use_plugins=False)
     (graph,) = _checked(exported)
     assert sum(n.op_type == "MatMul" for n in graph.graph.node) >= 2 * 7  # the rotations of 2 blocks
