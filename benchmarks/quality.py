@@ -66,6 +66,11 @@ LADDER = {
     "salient per step + sparse-token + error compensation from RTN": {**QSC, "smooth_quant": False},
     # The preset with the clipping ratios left at 1 (only the smoothing learned).
     "salient per step + sparse-token + error compensation with clipping not learned": {**QSC, "lr_clip": 0.0},
+    # The preset (clipping not learned) with QuantSparse's MSAD, and on rotated layers.
+    "salient per step + sparse-token + MSAD + error compensation with clipping not learned": {
+        **QSC, "lr_clip": 0.0, "msad_global": 1.0, "msad_local": 1.0},
+    "salient per step + sparse-token + error compensation with clipping not learned + Hadamard rotation": {
+        **QSC, "lr_clip": 0.0, "rotate_inputs": True},
     # QuaRot's randomised Hadamard rotation of the quantized linears' inputs: with round-to-nearest,
     # with GPTQ (QuaRot's own pipeline) and under the preset.
     "RTN + Hadamard rotation": {"smooth_quant": False, "rotate_inputs": True},

@@ -22,6 +22,7 @@ import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -34,6 +35,7 @@ from qsc.cli import cli  # noqa: E402
 from qsc.errors import ConfigError  # noqa: E402
 from qsc.metrics import relative_l2  # noqa: E402
 from qsc.models import synthetic_calibration  # noqa: E402
+from qsc.report import layer_table  # noqa: E402
 
 from tiny_models import VideoAttention, temporal_and_spatial_video, tiny_model  # noqa: E402
 
@@ -134,6 +136,9 @@ def test_rotated_inputs_export_as_standard_matmuls(tmp_path):
     layers = qsc.load(path, backend="reference").manifest["layers"]
     blocks = {name: info["rotation_block"] for name, info in layers.items() if "rotation_block" in info}
     assert blocks["blocks.0.attn1.to_q"] == 64 and blocks["blocks.1.ffn.net.2"] == 128 and len(blocks) == 2 * 10
+    console = Console(width=200, record=True)
+    console.print(layer_table(layers))
+    assert {"+rot64", "+rot128"} <= set(console.export_text().split())
     exported = _export(path, use_plugins=False)
     (graph,) = _checked(exported)
     assert sum(n.op_type == "MatMul" for n in graph.graph.node) >= 2 * 7  # the rotations of 2 blocks
