@@ -199,6 +199,21 @@ def test_learning_lowers_every_blocks_loss(wan_calibration):
         assert block["kept"] and block["loss_after"] < block["loss_before"], row
 
 
+def test_the_w4a6_s2q_preset_learns_the_smoothing_of_rotated_layers(wan_calibration):
+    """Rotation first (its nodes belong to the layers' blocks), then the salient samples, the learned
+    smoothing and GPTQ: every block's loss drops and every quantized layer reads a rotated input."""
+    model, calib = wan_calibration
+    result = qsc.compile(model, calib, preset="w4a6-s2q", config={"scale_epochs": 3, "calib_samples": 4})
+    passes = [r["pass"] for r in result.pass_log]
+    assert passes[0] == "rotate_inputs" and {"learn_scales", "compensate_weights"} <= set(passes)
+    (row,) = [r for r in result.pass_log if r["pass"] == "learn_scales"]
+    assert set(row["blocks"]) == {"blocks.0", "blocks.1"}
+    for block in row["blocks"].values():
+        assert block["kept"] and block["loss_after"] < block["loss_before"], row
+    in_blocks = {name: info for name, info in result.layers.items() if name.startswith("blocks.")}
+    assert in_blocks and all("rotation_block" in info and info["smoothed"] for info in in_blocks.values())
+
+
 def test_without_smooth_quant_the_blocks_learn_clipping_from_round_to_nearest(wan_calibration):
     model, calib = wan_calibration
     result = qsc.compile(model, calib, preset="w4a4",
