@@ -169,7 +169,7 @@ RECON_LOSSES = ("mse", "token")
 # S2Q-VDiT: 40 salient samples (the paper's K), scale learning with sparse-token distillation;
 # qsc takes the salient samples step by step ("salient-per-step": the paper's ranking keeps only
 # the last steps, 2 dB of PSNR on the reference model) and adds GPTQ's error compensation under
-# the learned scales (benchmarks/README.md: W4A6 +3.8 dB over round-to-nearest).
+# the learned scales (benchmarks/README.md: W4A6 +4.5 dB over round-to-nearest, W4A8 +5.3 dB).
 # ``calib_selection = "salient"`` is the paper's selection.
 # Its scale learning learns the smoothing only: clipping ratios fitted to the 40 samples' block
 # outputs cost more under GPTQ's codes than they gain (W4A8 +1.9 dB and two videos more with them
@@ -181,7 +181,7 @@ S2Q = dict(calib_selection="salient-per-step", calib_samples=40, learn_scales=Tr
 MSAD = dict(learn_scales=True, calib_samples=40, msad_global=1.0, msad_local=1.0, compensate_weights=True)
 # QuaRot's recipe: the quantized linears' inputs in a randomised Hadamard basis, round-to-nearest
 # scales, GPTQ codes. No learning, in a third of the S2Q compile time: on the reference model the
-# best W4A4 and W4A6's best adherence (benchmarks/README.md: W4A6 25.8 dB, the adherence of FP).
+# best W4A4 and W4A6's best adherence (benchmarks/README.md: W4A6 25.8 dB, one video above FP).
 ROTATED = dict(rotate_inputs=True, smooth_quant=False, compensate_weights=True)
 # At W4A6, S2Q learns on rotated layers (ROTATED's rotation; SmoothQuant's migration stays the
 # start of the learned smoothing): 25.8 dB and FP's adherence on the reference model, against
