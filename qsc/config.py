@@ -201,9 +201,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a6-s2q": dict(w_bits=4, a_bits=6, **S2Q_ROTATED),
     "w4a6-rot": dict(w_bits=4, a_bits=6, **ROTATED),
     "w4a4-rot": dict(w_bits=4, a_bits=4, **ROTATED),
-    # QuantSparse's pipeline: W4A8 learned with MSAD, 15% attention tiles, SSAR refreshing every 5
-    # steps (``learn_scales = false`` gives the PTQ version, for the ablation).
-    "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=5, **MSAD),
+    # QuantSparse's pipeline: W4A8 learned with MSAD, 15% attention tiles, SSAR refreshing every 3
+    # steps (``learn_scales = false`` gives the PTQ version, for the ablation). The paper refreshes
+    # every 5; on the reference model the refresh interval, not the density, sets how many prompts
+    # survive (benchmarks/README.md: every 3 steps 22.0 dB and 41 of 48 prompts against 19.0 dB and
+    # 37 every 5, for 43% of dense attention's work instead of 32%; 25% of the tiles gain one).
+    "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=3, **MSAD),
     "w8a16": dict(w_bits=8, a_bits=16, smooth_quant=False),
     "w4a16": dict(w_bits=4, a_bits=16, smooth_quant=False),
 }

@@ -418,7 +418,7 @@ def test_same_seed_same_sparse_artifact(wan, tmp_path):
 def test_w4a8_sparse_preset():
     cfg = qsc.resolve_config("w4a8-sparse")
     assert (cfg.w_bits, cfg.a_bits, cfg.density, cfg.ssar_tau, cfg.ssar_rank, cfg.ssar_extrapolation) == (
-        4, 8, 0.15, 5, 16, "linear")
+        4, 8, 0.15, 3, 16, "linear")
     from qsc.passes import default_pass_names
 
     assert default_pass_names(cfg)[-2:] == ["sparsify_attention", "second_order_reparam"]
