@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+import qsc
 from devices import require_kernels
 
 require_kernels()
@@ -70,7 +72,8 @@ def test_dry_run_end_to_end_times_an_ssar_cycle(tmp_path):
     assert {"speedup_vs_bf16_eager", "speedup_vs_bf16_compile", "peak_mem_ratio", "storage_ratio", "tau",
             "density"} <= row.keys()
     assert min(row[k] for k in ("ms", "qsc_eager_ms", "step_ms", "refresh_ms", "low_rank_ms")) > 0
-    assert (row["tau"], row["density"], row["tile_density"]) == (5, 0.15, 0.25)  # 1 of 4 key tiles
+    preset = qsc.resolve_config("w4a8-sparse")
+    assert (row["tau"], row["density"], row["tile_density"]) == (preset.ssar_tau, preset.density, 0.25)  # 1 of 4 key tiles
     assert row["compile_rel_err"] < 1e-3  # torch.compile of the programs computes what they compute eagerly
     # The SSAR-corrected sparse step follows the bf16 model more closely than sparse attention alone.
     assert row["rel_err"] < row["output_metrics"]["rel_l2"]
