@@ -111,6 +111,9 @@ SPARSE_LADDER = {
     "QuantSparse's quantization with dense attention": {"density": 1.0, "ssar_tau": 0},
     "w4a8-s2q's quantization + sparse + SSAR": {"calib_selection": "salient-per-step", "recon_loss": "token",
                                                  "lr_clip": 0.0, "msad_global": 0.0, "msad_local": 0.0},
+    # Both: S2Q's data, distillation and frozen clipping with QuantSparse's MSAD terms.
+    "w4a8-s2q's quantization + MSAD + sparse + SSAR": {"calib_selection": "salient-per-step", "recon_loss": "token",
+                                                        "lr_clip": 0.0},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
