@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import qsc
+from qsc.config import S2Q as S2Q_RECIPE
 from qsc.fsutil import atomic_file
 from qsc.metrics import PSNR_CAP, frechet_distance, psnr, ssim
 from qsc.refmodel import as_denoiser, load_reference_model, reference_calibration
@@ -109,11 +110,9 @@ SPARSE_LADDER = {
     # What the quantization alone costs (dense attention), and the sparse setting on ``w4a8-s2q``'s
     # quantization (S2Q's data and distillation, clipping at 1, no MSAD) instead of QuantSparse's.
     "QuantSparse's quantization with dense attention": {"density": 1.0, "ssar_tau": 0},
-    "w4a8-s2q's quantization + sparse + SSAR": {"calib_selection": "salient-per-step", "recon_loss": "token",
-                                                 "lr_clip": 0.0, "msad_global": 0.0, "msad_local": 0.0},
+    "w4a8-s2q's quantization + sparse + SSAR": {**S2Q_RECIPE, "msad_global": 0.0, "msad_local": 0.0},
     # Both: S2Q's data, distillation and frozen clipping with QuantSparse's MSAD terms.
-    "w4a8-s2q's quantization + MSAD + sparse + SSAR": {"calib_selection": "salient-per-step", "recon_loss": "token",
-                                                        "lr_clip": 0.0},
+    "w4a8-s2q's quantization + MSAD + sparse + SSAR": S2Q_RECIPE,
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
