@@ -85,6 +85,7 @@ LADDER = {
 # The rows that vary the pipeline refresh every 5 steps, the paper's interval and the preset's until
 # the refresh-interval rows showed what it costs (the preset now refreshes every 3).
 EVERY_5 = {"ssar_tau": 5}
+SPARSE_ALONE = {"w_bits": 8, "a_bits": 16, "smooth_quant": False, "learn_scales": False, "compensate_weights": False}
 SPARSE_LADDER = {
     "PTQ + sparse (no correction)": {"learn_scales": False, "ssar_tau": 0, "compensate_weights": False},
     "PTQ + sparse + SSAR": {"learn_scales": False, "compensate_weights": False, **EVERY_5},
@@ -113,6 +114,10 @@ SPARSE_LADDER = {
     "w4a8-s2q's quantization + sparse + SSAR": {**S2Q_RECIPE, "msad_global": 0.0, "msad_local": 0.0},
     # Both: S2Q's data, distillation and frozen clipping with QuantSparse's MSAD terms.
     "w4a8-s2q's quantization + MSAD + sparse + SSAR": S2Q_RECIPE,
+    # What sparsity and SSAR cost on their own: 8-bit weights, float activations, no learning.
+    "sparse + SSAR alone (W8A16)": SPARSE_ALONE,
+    "sparse + SSAR alone (W8A16) refreshing every 2 steps": {**SPARSE_ALONE, "ssar_tau": 2},
+    "QuantSparse + error compensation at 25% density refreshing every 3 steps": {"density": 0.25},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
@@ -232,14 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
                 if chosen and method not in chosen:
                     continue
                 config = dict(overrides)
-                if not qsc.resolve_config(preset, overrides=config).learn_scales:
+                resolved = qsc.resolve_config(preset, overrides=config)
+                if not resolved.learn_scales:
                     config.setdefault("calib_samples", len(calib))  # PTQ: every recorded call
                 result = qsc.compile(model, calibration=calib, preset=preset, config=config)
                 clips = generate(result.module, cases, steps)  # SSAR's state resets with each new video
                 layers = result.attention.values()
                 density = statistics.mean(a["density"] for a in layers) if layers else 1.0
                 kept = {"attention_kept": round(statistics.mean(a["kept_mass"] for a in layers), 3)} if layers else {}
-                rows.append({"method": method, "bits": preset.partition("-")[0].upper(), "density": round(density, 3),
+                rows.append({"method": method, "bits": f"W{resolved.w_bits}A{resolved.a_bits}", "density": round(density, 3),
                              **kept, "config": config, **scorer.fidelity(clips, fp_clips),
                              **against_fp(scorer.judge_scores(clips), fp), "storage_ratio": result.sizes["ratio"]})
                 compile_seconds.append(result.seconds)
