@@ -10,8 +10,9 @@ prompt and noise (PSNR capped at ``qsc.metrics.PSNR_CAP``), prompt adherence (th
 shape, color and motion of the prompt), Frechet distance in the judge's feature space to real clips
 of the same prompts, storage ratio (FP bytes / compressed bytes of the transformer). The JSON rows
 also hold adherence per attribute, the videos the judge rejects, those FP draws and the row does
-not (``lost``) and the reverse (``gained``), and for sparse rows the share of the calibration's
-attention probability the layouts keep (``attention_kept``).
+not (``lost``) and the reverse (``gained``) with McNemar's exact p-value of that split
+(``p_vs_fp``: how likely it is if the row and FP draw prompts alike), and for sparse rows the
+share of the calibration's attention probability the layouts keep (``attention_kept``).
 Writes ``benchmarks/results/quality-<date>[-quick][-fp].json`` and prints the markdown table.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -166,18 +168,32 @@ class Scorer:
 
 def against_fp(scores: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
     """``scores`` with the videos FP draws and the row does not (``lost``) and the other way round
-    (``gained``): adherence compared video by video, as the same prompts and noise allow."""
+    (``gained``): adherence compared video by video, as the same prompts and noise allow; and how
+    likely so many differences in the one direction are if the row and FP were alike (``p_vs_fp``)."""
     rejected, fp_rejected = set(scores["rejected"]), set(fp["rejected"])
-    return {**scores, "lost": sorted(rejected - fp_rejected), "gained": sorted(fp_rejected - rejected)}
+    lost, gained = sorted(rejected - fp_rejected), sorted(fp_rejected - rejected)
+    return {**scores, "lost": lost, "gained": gained, "p_vs_fp": mcnemar_exact(len(lost), len(gained))}
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """McNemar's exact test of paired verdicts, two-sided: under "no difference" each of the
+    ``lost + gained`` discordant videos goes either way with probability 1/2, so the p-value is the
+    binomial tail of the smaller count, doubled. A 48-video table needs a one-sided count of about
+    6 to 0 before p drops under 0.05: one or two videos of adherence are not a difference."""
+    n = lost + gained
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def markdown(report: dict) -> str:
-    lines = ["| method | bits | density | PSNR (dB) | SSIM | adherence | FD | storage ratio | compile (s) |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| FP | fp32 | 1.0 | - | - | {report['fp']['adherence']:.3f} | {report['fp']['fd']:.2f} | 1.00 | - |"]
+    lines = ["| method | bits | density | PSNR (dB) | SSIM | adherence | lost / gained (p) | FD | storage ratio "
+             "| compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| FP | fp32 | 1.0 | - | - | {report['fp']['adherence']:.3f} | - | {report['fp']['fd']:.2f} | 1.00 | - |"]
     for row, seconds in zip(report["rows"], report["settings"]["compile_seconds"]):
         lines.append(f"| {row['method']} | {row['bits']} | {row['density']} | {row['psnr']:.2f} | {row['ssim']:.4f} "
-                     f"| {row['adherence']:.3f} | {row['fd']:.2f} | {row['storage_ratio']:.2f} | {seconds:.1f} |")
+                     f"| {row['adherence']:.3f} | {len(row['lost'])} / {len(row['gained'])} ({row['p_vs_fp']:.2f}) "
+                     f"| {row['fd']:.2f} | {row['storage_ratio']:.2f} | {seconds:.1f} |")
     return "\n".join(lines)
 
 
