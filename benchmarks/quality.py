@@ -110,6 +110,7 @@ SPARSE_LADDER = {
     "QuantSparse + error compensation with clipping not learned": {"lr_clip": 0.0, **EVERY_5},
     # More of the tiles at the paper's interval: what density buys against what refreshes buy.
     "QuantSparse + error compensation at 25% density": {"density": 0.25, **EVERY_5},
+    "QuantSparse + error compensation at 25% density refreshing every 3 steps": {"density": 0.25},
     # What the quantization alone costs (dense attention), and the sparse setting on ``w4a8-s2q``'s
     # quantization (S2Q's data and distillation, clipping at 1, no MSAD) instead of QuantSparse's.
     "QuantSparse's quantization with dense attention": {"density": 1.0, "ssar_tau": 0},
@@ -119,7 +120,6 @@ SPARSE_LADDER = {
     # What sparsity and SSAR cost on their own: 8-bit weights, float activations, no learning.
     "sparse + SSAR alone (W8A16)": SPARSE_ALONE,
     "sparse + SSAR alone (W8A16) refreshing every 2 steps": {**SPARSE_ALONE, "ssar_tau": 2},
-    "QuantSparse + error compensation at 25% density refreshing every 3 steps": {"density": 0.25},
 }
 PRESETS = ("w4a8", "w4a6", "w4a4", "w4a8-sparse")
 REAL_PER_PROMPT = 8  # real clips per prompt for the Frechet distance's reference statistics
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                 layers = result.attention.values()
                 density = statistics.mean(a["density"] for a in layers) if layers else 1.0
                 kept = {"attention_kept": round(statistics.mean(a["kept_mass"] for a in layers), 3)} if layers else {}
-                rows.append({"method": method, "bits": f"W{resolved.w_bits}A{resolved.a_bits}", "density": round(density, 3),
+                rows.append({"method": method, "bits": f"W{resolved.w_bits}A{resolved.a_bits}",
+                             "density": round(density, 3),
                              **kept, "config": config, **scorer.fidelity(clips, fp_clips),
                              **against_fp(scorer.judge_scores(clips), fp), "storage_ratio": result.sizes["ratio"]})
                 compile_seconds.append(result.seconds)

@@ -205,7 +205,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # steps (``learn_scales = false`` gives the PTQ version, for the ablation). The paper refreshes
     # every 5; on the reference model the refresh interval, not the density, sets how many prompts
     # survive (benchmarks/README.md: every 3 steps 22.0 dB and 41 of 48 prompts against 19.0 dB and
-    # 37 every 5, for 43% of dense attention's work instead of 32%; 25% of the tiles gain one).
+    # 37 every 5, for 43% of dense attention's work instead of 32%; 25% of the tiles gain at most one).
     "w4a8-sparse": dict(w_bits=4, a_bits=8, density=0.15, ssar_tau=3, **MSAD),
     "w8a16": dict(w_bits=8, a_bits=16, smooth_quant=False),
     "w4a16": dict(w_bits=4, a_bits=16, smooth_quant=False),
